@@ -99,7 +99,7 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+        raise ConfigError(f"{where + ': ' if where else ''}unknown field(s) {unknown}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
