@@ -1,0 +1,31 @@
+"""Crash-safe file writes: write a temp file in the same directory, fsync, rename over the target.
+
+A reader (or a resumed run) therefore sees either the old file or the complete new one, never a torn write,
+whatever kills the writer (SIGKILL, a full disk, a node failure).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_CHUNK = 1 << 22
+TMP_SUFFIX = ".tmp-"  # temp name: ".{name}.tmp-{pid}" beside the target
+
+
+def write_atomic(path: str | Path, data: bytes | memoryview) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}{os.getpid()}")
+    view = memoryview(data)
+    try:
+        with open(tmp, "wb") as f:
+            for offset in range(0, len(view), _CHUNK):
+                f.write(view[offset:offset + _CHUNK])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"{path}: {e.strerror or e}") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
