@@ -1,0 +1,42 @@
+"""One strand's encoder: ``DeepEnhancedBranch`` = depth × ``EnhancedHybridCore`` + LayerNorm (spec §2.3)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .comba import Comba
+from .config import CrossDNAConfig
+from .swa import SlidingWindowAttention
+
+
+class EnhancedHybridCore(nn.Module):
+    """m = Comba(x); t = SWA(m); g = σ(W[m‖t]); LayerNorm(g⊙t + (1−g)⊙m).
+
+    No residual and no pre-norm around Comba (defect 19, the architecture): x reaches the output only through it.
+    """
+
+    def __init__(self, cfg: CrossDNAConfig, layer: int):
+        super().__init__()
+        d = cfg.d_model
+        self.comba = Comba(d, cfg.comba)
+        self.transformer = SlidingWindowAttention(d, cfg.mlp_hidden, cfg.attention, cfg.layer_drop_path(layer))
+        self.gate = nn.Linear(2 * d, d)
+        self.out_norm = nn.LayerNorm(d)
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        m = self.comba(x, backend)
+        t = self.transformer(m, backend)
+        g = torch.sigmoid(self.gate(torch.cat([m, t], dim=-1)))
+        return self.out_norm(g * t + (1 - g) * m)
+
+
+class DeepEnhancedBranch(nn.Module):
+    def __init__(self, cfg: CrossDNAConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(EnhancedHybridCore(cfg, i) for i in range(cfg.depth))
+        self.output_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, backend)
+        return self.output_norm(x)
