@@ -1,0 +1,185 @@
+"""One small training-engine interface over DDP, FSDP2 and DeepSpeed ZeRO-1/2/3.
+
+The loop (launcher/train.py) only ever calls::
+
+    engine.set_step(step)                 # the optimizer step the forwards belong to (gate freeze)
+    engine.set_grad_sync(last_micro)      # before the forward of each micro-batch
+    out = engine.forward(input_ids)       # autocast as configured
+    engine.backward(loss)                 # scaled for accumulation
+    norm = engine.clip_grads()            # tensor or None, before the finiteness check
+    engine.optimizer_step(lr)             # only when the step's losses are finite
+    engine.update_ema()                   # after every optimizer step
+    engine.grad_norm()                    # DeepSpeed only (it clips inside its step)
+    engine.save_state(dir) / engine.load_state(dir)
+
+so a strategy is a choice in the config, not a fork of the loop.
+"""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from crossdna.model.branch import EnhancedHybridCore
+from crossdna.model.bridge import TokenBridge
+from launcher import checkpoint as ckpt
+from launcher.distributed import DistEnv
+from launcher.optim import OptimConfig, build_optimizer, set_lr
+
+STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
+class Engine:
+    strategy: str
+    family: str  # "torch" (DDP/FSDP, DCP checkpoints) or "deepspeed" (engine checkpoints)
+    model: nn.Module  # the unwrapped CrossDNA model (set_step, eval-mode forward, EMA)
+
+    def __init__(self, env: DistEnv, precision: str):
+        self.env = env
+        self.autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.autocast_dtype)
+
+    def set_step(self, step: int) -> None:
+        # compat.gate_step="forward_count" (upstream, defect 8): the model counts its own training forwards.
+        if self.model.cfg.compat.gate_step == "optimizer":
+            self.model.set_step(step)
+
+    @property
+    def ema_after_step(self) -> bool:
+        """False when the model reproduces upstream's EMA update inside every training forward (defect 9)."""
+        return self.model.cfg.use_ema_teacher and not self.model.cfg.compat.ema_update_in_forward
+
+    def forward(self, input_ids: torch.Tensor, mode: str = "pretrain") -> Any:
+        with self.autocast():
+            return self.wrapped(input_ids, mode=mode)
+
+    def train(self, mode: bool = True) -> None:
+        self.wrapped.train(mode)
+
+    def grad_norm(self) -> float | None:
+        """The last step's global gradient norm when ``clip_grads`` could not return it."""
+        return None
+
+
+# --------------------------------------------------------------------------------------------- DDP / FSDP2
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The modules sharded one by one: every layer of every branch and each bridge, student and EMA teacher
+    alike. FSDP2 shards each parameter on dim 0 over the same mesh, so a teacher parameter and its student have
+    identical local shards and the EMA lerp stays local."""
+    return [m for m in model.modules() if isinstance(m, (EnhancedHybridCore, TokenBridge))]
+
+
+class TorchEngine(Engine):
+    family = "torch"
+
+    def __init__(self, model: nn.Module, strategy: str, env: DistEnv, optim_cfg: OptimConfig, precision: str,
+                 grad_accum: int):
+        super().__init__(env, precision)
+        self.strategy, self.model, self.grad_accum, self.grad_clip = strategy, model, grad_accum, optim_cfg.grad_clip
+        model.to(env.device)
+        if strategy == "ddp":
+            self._find_unused: bool | None = None
+            self._wrap_ddp(find_unused=model.gate_frozen())
+        elif strategy == "fsdp":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if precision == "bf16" else MixedPrecisionPolicy()
+            for unit in fsdp_units(model):
+                fully_shard(unit, mp_policy=mp)
+            fully_shard(model, mp_policy=mp)
+            self.wrapped = model
+        else:
+            raise ValueError(f"trainer.strategy: {strategy!r} is not a torch strategy")
+        self.optimizer = build_optimizer(model.named_parameters(), optim_cfg)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def train(self, mode: bool = True) -> None:
+        if self.strategy == "fsdp" and mode:
+            # FSDP2 keeps the root's parameters unsharded after a forward (it expects the backward next); after
+            # forward-only evaluation they must be resharded, or optimizer, clipping and checkpoint would see the
+            # unsharded tensors instead of the sharded parameters they own.
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+        super().train(mode)
+
+    def _wrap_ddp(self, find_unused: bool) -> None:
+        """While the fusion gate is frozen ``gate_fuse`` takes no part in the forward, so DDP must look for unused
+        parameters; afterwards every parameter is used and the per-backward graph walk is dropped (upstream kept
+        ``find_unused_parameters=True`` for the whole run, spec defect 29). Re-wrapping happens at most once."""
+        if find_unused == self._find_unused:
+            return
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        self.wrapped = DDP(self.model, device_ids=device_ids, forward_sync_buffers=False,
+                           find_unused_parameters=find_unused)
+        self._find_unused = find_unused
+
+    def set_step(self, step: int) -> None:
+        super().set_step(step)
+        if self.strategy == "ddp":
+            self._wrap_ddp(find_unused=self.model.gate_frozen())
+
+    def set_grad_sync(self, sync: bool) -> None:
+        if self.strategy == "ddp":
+            self.wrapped.require_backward_grad_sync = sync  # what DDP.no_sync() toggles
+        else:
+            self.wrapped.set_requires_gradient_sync(sync)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def clip_grads(self) -> torch.Tensor:
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def optimizer_step(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def update_ema(self) -> None:
+        # Under FSDP2 teacher and student parameters are DTensors with the same placements: local lerp, no gather.
+        self.model.update_ema()
+
+    # -- checkpoint (DCP: sharded save, resharding load)
+    def _state(self) -> dict:
+        opts = StateDictOptions(strict=True)
+        optim = get_optimizer_state_dict(self.wrapped, self.optimizer, options=opts)
+        return {"model": get_model_state_dict(self.wrapped, options=opts), "optim": optim["state"]}
+
+    def save_state(self, path: Path, process_group=None, async_save: bool = False) -> Future | None:
+        return ckpt.dcp_save(self._state(), path / "state", process_group=process_group, async_save=async_save)
+
+    def load_state(self, path: Path, saved_world_size: int) -> None:
+        state = self._state()  # current placements; DCP fills them from whatever world size wrote the files
+        no_state = ckpt.dcp_load(state, path / "state")
+        opts = StateDictOptions(strict=True)
+        set_model_state_dict(self.wrapped, state["model"], options=opts)
+        # Hyper-parameters (param_groups) come from this run's config, never from the file.
+        groups = get_optimizer_state_dict(self.wrapped, self.optimizer, options=opts)["param_groups"]
+        set_optimizer_state_dict(self.wrapped, self.optimizer, {"state": state["optim"], "param_groups": groups},
+                                 options=opts)
+        params = dict(self.model.named_parameters())
+        for fqn in no_state:
+            self.optimizer.state.pop(params[fqn], None)
+
+
+def build_engine(model: nn.Module, strategy: str, env: DistEnv, optim_cfg: OptimConfig, precision: str,
+                 micro_batch: int, grad_accum: int, deepspeed_config: str | None) -> Engine:
+    if strategy in ("ddp", "fsdp"):
+        return TorchEngine(model, strategy, env, optim_cfg, precision, grad_accum)
+    from launcher.zero import DeepSpeedEngine
+    return DeepSpeedEngine(model, strategy, env, optim_cfg, precision, micro_batch, grad_accum, deepspeed_config)
