@@ -1,0 +1,37 @@
+"""``torch.compile`` for the CrossDNA model, layer by layer, with the fla kernels left opaque.
+
+Each ``EnhancedHybridCore`` (student and EMA teacher), each TokenBridge and the two residual MLP heads is compiled
+on its own (``dynamic=False``: shapes are fixed per run). Layers share code, so one compilation serves all layers
+of a shape; the teacher's no-grad [2B] shape is a second one. fla's ``chunk_comba`` is ``torch.compiler.disable``d
+by fla (and its backend dispatch too), so dynamo breaks the graph there and runs the Triton/tilelang kernels
+eagerly; everything around them (projections' epilogues, the short convolutions, SiLU, the q-correction, the
+gates, RMSNorms, RoPE, SwiGLU, residuals, LayerNorms) is fused by inductor.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from crossdna.model import SSScanDNAHybridModel
+
+
+def compiled_modules(model: SSScanDNAHybridModel) -> list[nn.Module]:
+    branches = [model.branchA_core, model.branchB_core, *[m for m in model.ema_modules() if hasattr(m, "layers")]]
+    layers = [layer for branch in branches for layer in branch.layers]
+    bridges = [b for b in (model.bridge, getattr(model, "bridge_ema", None)) if b is not None]
+    return [*layers, *bridges, model.proj_A, model.proj_B]
+
+
+def compile_model(model: SSScanDNAHybridModel, mode: str | None = None) -> SSScanDNAHybridModel:
+    """Compile the model's layers in place (``nn.Module.compile``) and return it. Call after ``.to(device)``."""
+    if model.cfg.kernels != "reference" and next(model.parameters()).is_cuda:
+        from crossdna.ops import fused
+
+        if fused.swa_kernel() == "flex":  # build the block masks eagerly: compiled code then only reads them
+            L, window = model.cfg.block_size, model.cfg.attention.window_size
+            fused.band_block_mask(L, min(window, L), next(model.parameters()).device)
+    # 24+ layers of one class share their compiled code; each (grad / no-grad, shape) adds an entry.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for module in compiled_modules(model):
+        module.compile(dynamic=False, mode=mode)
+    return model

@@ -1,0 +1,182 @@
+"""The ``fused`` kernel backend: fla's Triton Comba, a block-sparse sliding-window attention, compile-friendly
+pointwise ops. Importing this module registers the backend when it can run here; otherwise it registers
+nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reason).
+
+* ``comba``: ``fla.ops.comba.chunk_comba`` with the L2 norm of q, k, p inside the kernel. It runs in v's dtype
+  (fp32 by default, as upstream; bf16 when the model lets Comba follow the ambient autocast); g (log decay) is
+  always fp32 and the state accumulates in fp32 inside the kernel either way.
+* ``swa``: FlexAttention with a causal band block mask (at l = 1024, W = 512 the band touches 30 of the 64
+  128×128 tiles; a causal kernel computes 36, a dense mask 64), fla's ``parallel_attn(window_size=…)``, or SDPA
+  with a dense band mask; :func:`set_swa_kernel` picks one. Flex is the default because inductor compiles it into
+  the layer's graph; all three pass the same parity tests (docs/performance.md).
+* ``short_conv``, ``rms_norm``, ``gated_rms_norm``, ``swiglu``, ``rotary``: plain PyTorch written so that
+  ``torch.compile`` fuses each of them with its neighbours (the causal depthwise conv as K shifted products
+  instead of a cuDNN call, which inductor cannot fuse); in eager mode they are the reference ops.
+
+The broken combination of fla issue #640 (Hopper + Triton ≥ 3.4.0 and < 3.7.1: wrong gradients from the gated
+``chunk_bwd_dqkwg`` unless fla routes it to its tilelang kernel) is detected here with fla's own predicates, so
+``kernels='auto'`` falls back to the reference with a warning and ``kernels='fused'`` is refused, instead of fla
+raising in the middle of the first backward.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import attention as _attention
+from . import pointwise as _pointwise
+from . import register_backend
+
+SWA_KERNELS = ("flex", "fla", "sdpa")
+_swa_kernel = "flex"
+
+
+def hopper_backward_problem() -> str:
+    """'' when fla's gated chunk backward is correct here, else why not.
+
+    Mirrors ``fla.ops.common.chunk_o.chunk_bwd_dqkwg``: fla raises when ``IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0
+    and not TRITON_ABOVE_3_7_1`` and its backend dispatch did not route the call to tilelang. The dispatch takes
+    tilelang when dispatching is on (``FLA_DISABLE_BACKEND_DISPATCH`` unset), ``tilelang`` is installed with a
+    usable ``nvcc`` and ``FLA_TILELANG`` is not "0" (fla's ``CommonTileLangBackend.is_available/is_enabled``).
+    One check more than fla: tilelang must also import, or the backward would fail there instead.
+    """
+    from fla.utils import IS_NVIDIA_HOPPER, TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+
+    if not (IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1):
+        return ""
+    import triton
+    from fla import backends
+    from fla.ops.common.backends.tilelang import CommonTileLangBackend
+
+    why = (f"Hopper GPU with Triton {triton.__version__} (>= 3.4.0, < 3.7.1) computes wrong Comba gradients "
+           f"(fla #640)")
+    if backends._DISPATCH_DISABLED:
+        return f"{why}, and FLA_DISABLE_BACKEND_DISPATCH=1 turns off fla's tilelang workaround"
+    if not CommonTileLangBackend.is_available():
+        return f"{why}, and tilelang (with nvcc) is not installed: install tilelang or Triton >= 3.7.1"
+    if not CommonTileLangBackend().is_enabled():
+        return f"{why}, and FLA_TILELANG=0 turns off fla's tilelang workaround"
+    try:
+        import tilelang  # noqa: F401
+    except Exception as e:  # a broken install fails in the first backward otherwise
+        return f"{why}, and tilelang does not import ({type(e).__name__}: {e})"
+    return ""
+
+
+def _unavailable_reason() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    try:
+        import fla.ops.attn.parallel  # noqa: F401
+        import fla.ops.comba  # noqa: F401
+    except ImportError as e:
+        return f"fla is not importable ({e}); install flash-linear-attention / fla-core"
+    return hopper_backward_problem()
+
+
+# ----------------------------------------------------------------------------------------------------- Comba
+def comba(q, k, v, p, g, beta, scale=None, chunk_size=64, use_qk_l2norm=True):
+    """fla ``chunk_comba`` in v's dtype. ``chunk_size`` only changes the rounding of the chunked algorithm, not
+    the function, so fla's fixed 64 serves every value."""
+    from fla.ops.comba import chunk_comba
+
+    dtype = v.dtype
+    q, k, p, beta = (x.to(dtype) for x in (q, k, p, beta))
+    o, _ = chunk_comba(q, k, v, p, g.float(), beta, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm)
+    return o
+
+
+# ----------------------------------------------------------------------------------- sliding-window attention
+def set_swa_kernel(name: str) -> None:
+    """Choose the sliding-window attention kernel of the fused backend: one of ``SWA_KERNELS``."""
+    global _swa_kernel
+    if name not in SWA_KERNELS:
+        raise ValueError(f"swa kernel {name!r} is not one of {list(SWA_KERNELS)}")
+    _swa_kernel = name
+
+
+def swa_kernel() -> str:
+    return _swa_kernel
+
+
+_compiled_flex: Callable | None = None
+_block_masks: dict = {}
+
+
+def _flex_attention() -> Callable:
+    """flex_attention is only fast compiled: inside a compiled region dynamo traces it as is, in eager mode it
+    goes through one ``torch.compile`` of its own (built on first use)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def band_block_mask(length: int, window: int, device: torch.device):
+    """FlexAttention block mask of the causal band i − window < j ≤ i, cached per shape and device (built in
+    eager mode; :func:`crossdna.bench.compile.compile_model` builds it before compiling)."""
+    key = (length, window, str(device))
+    mask = _block_masks.get(key)
+    if mask is None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def band(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+        mask = create_block_mask(band, None, None, length, length, device=device)
+        if not torch.compiler.is_compiling():
+            _block_masks[key] = mask
+    return mask
+
+
+def swa(q, k, v, window, scale=None):
+    """q,k,v [B,l,H,d] → [B,l,H,d], query i attends keys i − window < j ≤ i."""
+    if _swa_kernel == "fla":
+        from fla.ops.attn.parallel import parallel_attn
+
+        return parallel_attn(q, k, v, scale=scale, window_size=window)
+    if _swa_kernel == "sdpa":
+        return _attention.sliding_window_attention(q, k, v, window, scale)
+    length = q.shape[1]
+    mask = band_block_mask(length, min(window, length), q.device)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    o = _flex_attention()(q, k, v, block_mask=mask, scale=scale)
+    return o.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------- pointwise
+def short_conv(x, weight, activation=True):
+    """Causal depthwise conv + SiLU. Under torch.compile: Σ_j w_j·x_{t−K+1+j}, which inductor fuses with the SiLU,
+    the q-correction and the casts around it (a cuDNN conv is an opaque call); in eager mode: the cuDNN reference."""
+    if not torch.compiler.is_compiling():
+        return _pointwise.short_conv(x, weight, activation)
+    length, kernel = x.shape[1], weight.shape[-1]
+    padded = F.pad(x, (0, 0, kernel - 1, 0))
+    w = weight[:, 0, :]
+    y = padded[:, 0:length] * w[:, 0]
+    for j in range(1, kernel):
+        y = y + padded[:, j:j + length] * w[:, j]
+    y = y.to(x.dtype)
+    return F.silu(y) if activation else y
+
+
+OPS = {
+    "comba": comba,
+    "swa": swa,
+    "short_conv": short_conv,
+    # The reference formulas are already what inductor fuses best; named here so the backend is explicit.
+    "rotary": _attention.rotary,
+    "rms_norm": _pointwise.rms_norm,
+    "gated_rms_norm": _pointwise.gated_rms_norm,
+    "swiglu": _pointwise.swiglu,
+}
+
+UNAVAILABLE = _unavailable_reason()
+if not UNAVAILABLE:
+    register_backend("fused", OPS)
