@@ -1,0 +1,179 @@
+"""Finetune one task with one seed: train, select on validation, report test at the selected step.
+
+Model selection reads the validation split only; the test split is scored once, with the weights of the best
+validation evaluation (upstream selects on test: spec §6 defect 15). Metrics cover the whole split at once.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from crossdna.finetune.config import TaskConfig, TrainConfig
+from crossdna.finetune.data import EncodedSplit, TaskSplits, encode
+from crossdna.finetune.heads import SequenceModel
+from crossdna.finetune.metrics import LOWER_IS_BETTER, compute_metrics
+
+LogFn = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class FinetuneResult:
+    task: str
+    seed: int
+    metric: str
+    best_step: int
+    steps: int
+    val: dict[str, float]
+    test: dict[str, float]
+    train_samples: int
+    val_samples: int
+    test_samples: int
+    train_seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and conv kernels; not biases, norm gains or per-head scalars (ndim < 2)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float, min_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, int(round(warmup_fraction * total_steps))) if warmup_fraction > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@torch.no_grad()
+def predict(model: SequenceModel, split: EncodedSplit, batch_size: int, pad_to_longest: bool,
+            device: torch.device, autocast: torch.autocast | None = None) -> np.ndarray:
+    """Head outputs for the whole split, in order, as float32 numpy."""
+    model.eval()
+    outs = []
+    for start in range(0, len(split), batch_size):
+        b = split.batch(torch.arange(start, min(start + batch_size, len(split))), pad_to_longest)
+        with autocast or torch.autocast(device.type, enabled=False):
+            out = model(b["input_ids"].to(device, non_blocking=True), b["attention_mask"].to(device, non_blocking=True))
+        outs.append(out.float().cpu())
+    return torch.cat(outs).numpy()
+
+
+def _better(metric: str, new: float, best: float | None) -> bool:
+    if best is None or (math.isnan(best) and not math.isnan(new)):
+        return True
+    if math.isnan(new):
+        return False
+    return new < best if metric in LOWER_IS_BETTER else new > best
+
+
+def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backbone: nn.Module, d_model: int,
+             seed: int, log: LogFn | None = None, progress: bool = True) -> FinetuneResult:
+    """Train ``backbone`` + head on ``splits`` (the caller seeds before building ``backbone``)."""
+    device = resolve_device(train_cfg.device)
+    seed_everything(seed)
+    model = SequenceModel(backbone, d_model, splits.num_outputs, task.kind, train_cfg.head_dropout,
+                          train_cfg.freeze_backbone).to(device)
+    train = encode(splits.train, task.max_length, train_cfg)
+    val = encode(splits.val, task.max_length, train_cfg)
+    test = encode(splits.test, task.max_length, train_cfg)
+    longest = train_cfg.pad_to == "longest"
+    use_bf16 = train_cfg.precision == "bf16"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    steps_per_epoch = math.ceil(len(train) / task.batch_size)
+    total = steps_per_epoch * task.epochs
+    if train_cfg.max_steps is not None:
+        total = min(total, train_cfg.max_steps)
+    eval_every = max(1, steps_per_epoch // train_cfg.evals_per_epoch)
+    optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=task.lr, betas=train_cfg.betas)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total, train_cfg.warmup_fraction, train_cfg.min_lr_ratio))
+    generator = torch.Generator().manual_seed(seed)
+    set_step = getattr(backbone, "set_step", None)
+
+    def evaluate(split: EncodedSplit) -> dict[str, float]:
+        out = predict(model, split, train_cfg.eval_batch_size, longest, device, autocast)
+        metrics = compute_metrics(task.kind, out, split.labels.numpy())
+        metrics["loss"] = float(model.loss(torch.from_numpy(out), split.labels))
+        return metrics
+
+    best_val, best_metric, best_state, best_step = None, None, None, 0
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    started = time.perf_counter()
+    bar = tqdm(total=total, desc=f"{task.name} seed {seed}", unit="step", disable=not progress, leave=False)
+    step = 0
+    while step < total:
+        order = torch.randperm(len(train), generator=generator)
+        for start in range(0, len(train), task.batch_size):
+            if step >= total:
+                break
+            model.train()
+            b = train.batch(order[start:start + task.batch_size], longest)
+            with autocast:
+                out = model(b["input_ids"].to(device, non_blocking=True),
+                            b["attention_mask"].to(device, non_blocking=True))
+            loss = model.loss(out.float(), b["labels"].to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if train_cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if set_step is not None:  # the gate warm-up counts finetuning optimizer steps (spec §2.8)
+                set_step(step)
+            loss_sum += loss.detach()
+            loss_count += 1
+            bar.update()
+            if step % eval_every == 0 or step == total:
+                train_loss = float(loss_sum) / loss_count  # one host sync per evaluation, not per step
+                loss_sum.zero_()
+                loss_count = 0
+                metrics = evaluate(val)
+                if log is not None:
+                    log(step, {"train/loss": train_loss, "train/lr": schedule.get_last_lr()[0],
+                               **{f"val/{k}": v for k, v in metrics.items()}})
+                bar.set_postfix(loss=f"{train_loss:.4f}", **{task.metric: f"{metrics[task.metric]:.4f}"})
+                if _better(task.metric, metrics[task.metric], best_metric):
+                    best_val, best_metric, best_step = metrics, metrics[task.metric], step
+                    best_state = copy.deepcopy(model.state_dict())
+    bar.close()
+    seconds = time.perf_counter() - started
+    model.load_state_dict(best_state)
+    test_metrics = evaluate(test)
+    if log is not None:
+        log(best_step, {f"test/{k}": v for k, v in test_metrics.items()})
+    return FinetuneResult(task.name, seed, task.metric, best_step, step, best_val, test_metrics,
+                          len(train), len(val), len(test), seconds)
