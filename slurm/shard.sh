@@ -27,9 +27,13 @@ cpus="${SLURM_CPUS_PER_TASK:-${SHARD_CPUS:-16}}"
 
 submit() {
     [[ $# -ge 2 ]] || usage
-    local config=$1 out=$2 parts=${3:-8}
+    local config=$1 out=$2 parts=8
     shift 2
-    [[ $# -gt 0 ]] && shift
+    # PARTS is optional: a third argument that looks like KEY=VALUE is the first override.
+    if [[ $# -gt 0 && "$1" != *=* ]]; then
+        parts=$1
+        shift
+    fi
     [[ -r "$config" ]] || { echo "shard.sh: error: cannot read config $config" >&2; exit 2; }
     [[ "$parts" =~ ^[1-9][0-9]*$ ]] || { echo "shard.sh: error: PARTS must be a positive integer, got $parts" >&2; exit 2; }
     local script logs

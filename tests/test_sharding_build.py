@@ -326,7 +326,9 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 echo "$script $*" >> "$FAKE_SBATCH_LOG"
-if [[ -n "$array" ]]; then
+if [[ -n "${FAKE_SBATCH_DRY:-}" ]]; then
+    :
+elif [[ -n "$array" ]]; then
     for ((i = ${array%-*}; i <= ${array#*-}; i++)); do
         SLURM_ARRAY_TASK_ID=$i SLURM_CPUS_PER_TASK=1 bash "$script" "$@" > /dev/null 2>&1
     done
@@ -357,6 +359,27 @@ def test_slurm_script_array_then_merge_equals_build(reference, tmp_path, python_
     calls = (tmp_path / "sbatch.log").read_text().splitlines()
     assert calls[0].endswith(f"extract {DEMO} {out} 2 {' '.join(overrides)}") and calls[1].endswith(f"merge {out}")
     assert tree_bytes(out) == tree_bytes(reference) and (tmp_path / "out dir-logs").is_dir()
+
+
+def test_slurm_script_parts_is_optional(tmp_path):
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SBATCH_DRY": "1",
+           "FAKE_SBATCH_LOG": str(tmp_path / "sbatch.log")}
+    run = subprocess.run(["bash", str(REPO / "slurm" / "shard.sh"), str(DEMO), str(out), "window_length=512"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert calls[0].endswith(f"extract {DEMO} {out} 8 window_length=512")
+    bad = subprocess.run(["bash", str(REPO / "slurm" / "shard.sh"), str(DEMO), str(out), "zero"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "PARTS must be a positive integer, got zero" in bad.stderr
 
 
 def test_slurm_script_is_shellcheck_clean():
