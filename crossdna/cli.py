@@ -8,6 +8,18 @@ import sys
 # subcommand module -> each exposes ``register(subparsers)``; a module's heavy imports happen inside handlers.
 _MODULES = (
     "crossdna.commands.info",
+    "crossdna.commands.train",
+    "crossdna.commands.export_weights",
+    "crossdna.commands.doctor",
+    "crossdna.commands.shard",
+    "crossdna.commands.report",
+    "crossdna.commands.finetune",
+    "crossdna.commands.benchmark",
+    "crossdna.commands.export",
+    "crossdna.commands.embed",
+    "crossdna.commands.import_upstream",
+    "crossdna.commands.bench",
+    "crossdna.commands.demo",
 )
 
 

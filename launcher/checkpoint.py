@@ -207,6 +207,9 @@ class CheckpointManager:
         future.result()
         dist.barrier(group=self._pg)
         self._finalize(tmp, final)
+        # As in the synchronous path: no rank may leave (e.g. exit for a requeue, which makes torchrun kill the
+        # others) while rank 0 is still publishing the checkpoint and moving `latest`.
+        dist.barrier(group=self._pg)
 
     def _finalize(self, tmp: Path, final: Path) -> None:
         if not self.env.is_main:

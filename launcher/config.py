@@ -40,6 +40,8 @@ class TrainerConfig:
     resume: bool = True                 # continue from <run_dir>/checkpoints/latest when it exists
     init_weights: str | None = None     # start a new run from a safetensors state dict (export-weights,
                                         # import-upstream); ignored when resuming from a checkpoint
+    compile: bool = False               # torch.compile each layer, fla kernels left opaque (crossdna/model/compile.py;
+                                        # the 2x of docs/performance.md); ddp and fsdp
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -50,6 +52,10 @@ class TrainerConfig:
         for name in ("eval_every", "eval_batches", "eval_micro_batch", "ckpt_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.compile and self.strategy not in ("ddp", "fsdp"):
+            # DeepSpeed's ZeRO hooks gather and release parameters around each module's forward; compiled modules
+            # under those hooks are not what the benchmark measured, so they are not offered.
+            raise ValueError(f"compile: supported with strategy ddp or fsdp, not {self.strategy}")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """PNG plots of one tracked run: loss, throughput, GPU and host telemetry, read back from the MLflow store.
 
-Metric names follow docs/tracking.md: loss terms are ``train/loss*`` and ``eval/*loss*`` (x = training step),
+Metric names follow docs/tracking.md: ``train/{loss,ce,sem,gate,acc*}`` and ``eval/{ce,acc*}`` (x = training step),
 throughput is ``perf/*``, system counters are ``sys/<node>/gpu<i>/<field>`` and ``sys/<node>/<field>``
 (x = minutes since the run started, because samplers tick on wall time). A resumed run may hold two values for
 the steps between its last checkpoint and the interruption; the later one (the resumed job's) is plotted.
@@ -16,7 +16,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-_LOSS = re.compile(r"^(train/loss.*|eval/.*loss.*)$")
+# Panels of the loss figure: the MLM cross-entropy (what pretraining is judged by: train vs fixed-mask eval), the
+# total and its auxiliary terms (whose weights warm up, so the total alone can rise while CE falls), accuracies.
+_LOSS_PANELS = (
+    ("masked-LM cross-entropy", re.compile(r"^(train|eval)/ce$")),
+    ("loss and its terms", re.compile(r"^train/(loss|sem|gate)$|^eval/.*loss.*$")),
+    ("masked top-1 accuracy", re.compile(r"^(train|eval)/acc(_a|_b)?$")),
+)
 _THROUGHPUT = ("perf/tokens_per_s", "perf/samples_per_s", "perf/mfu")
 _STEP_TIME = ("perf/step_time_min_s", "perf/step_time_max_s")
 _GPU = re.compile(r"^sys/(?P<node>[^/]+)/(?P<gpu>gpu\d+)/(?P<field>[a-z_]+)$")
@@ -48,16 +54,20 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def _loss_plot(histories: dict[str, list[Any]], title: str, out: Path) -> Path | None:
-    keys = sorted(k for k in histories if _LOSS.match(k))
-    if not keys:
+    panels = [(label, sorted(k for k in histories if pattern.match(k))) for label, pattern in _LOSS_PANELS]
+    panels = [(label, keys) for label, keys in panels if keys]
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key in keys:
-        steps, values = _by_step(histories[key])
-        ax.plot(steps, values, label=key, marker="o" if len(steps) == 1 else None)
-    ax.set(xlabel="step", ylabel="loss", title=f"{title}: loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.8 * len(panels)), sharex=True, squeeze=False)
+    for ax, (label, keys) in zip(axes[:, 0], panels):
+        for key in keys:
+            steps, values = _by_step(histories[key])
+            ax.plot(steps, values, label=key, marker="o" if key.startswith("eval/") or len(steps) == 1 else None)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0, 0].set_title(f"{title}: loss")
+    axes[-1, 0].set_xlabel("step")
     return _save(fig, out / "loss.png")
 
 

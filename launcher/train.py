@@ -22,9 +22,11 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from crossdna import ops
 from crossdna.config import config_hash, dump_yaml, to_dict
 from crossdna.data import EvalStream, PretrainStream
 from crossdna.model import SSScanDNAHybridModel
+from crossdna.model.compile import compile_model
 from crossdna.objectives import pretrain_loss
 from launcher.checkpoint import CheckpointManager
 from launcher.config import TrainConfig, load_train_config
@@ -77,6 +79,11 @@ class Trainer:
         model = SSScanDNAHybridModel(cfg.model)
         if t.init_weights:
             load_weights(model, t.init_weights)
+        # Kernel choice at start-up, not at the first forward: 'fused' that cannot run (e.g. fla #640 on Hopper
+        # without tilelang) is refused here, 'auto' falls back to the reference kernels with one warning line.
+        ops.resolve(cfg.model.kernels, env.device)
+        if t.compile:
+            compile_model(model.to(env.device))
         seed_everything(t.seed, env.rank, t.deterministic)
         self.engine = build_engine(model, t.strategy, env, cfg.optim, t.precision, t.micro_batch, t.grad_accum,
                                    t.deepspeed_config)
@@ -191,9 +198,11 @@ class Trainer:
         mark = time.perf_counter()  # end of the previous step's bookkeeping: the ETA counts eval and checkpoints
         try:
             engine.train(True)
+            # The model holds the number of completed optimizer steps (its gate freeze reads it, and checkpoints and
+            # exports carry it), so it is updated right after each step rather than before the next forward.
+            engine.set_step(self.step)
             while self.step < t.steps:
                 t0 = time.perf_counter()
-                engine.set_step(self.step)
                 local, seq_len, data_wait = self._micro_batches(batches)
                 norm = engine.clip_grads()
                 if norm is not None:
@@ -210,6 +219,7 @@ class Trainer:
                 if engine.ema_after_step:
                     engine.update_ema()
                 self.step += 1
+                engine.set_step(self.step)
                 step_tokens = self.stream.global_batch * seq_len
                 self.tokens_seen += step_tokens
 

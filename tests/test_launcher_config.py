@@ -39,6 +39,7 @@ def test_model_preset_expands_and_overrides_apply():
     (["trainer.stepz=3"], "unknown field(s) ['stepz']"),
     (["model.preset=huge"], "model.preset"),
     (["trainer.micro_batch=0"], "micro_batch"),
+    (["trainer.strategy=zero3", "trainer.compile=true"], "trainer: compile: supported with strategy ddp or fsdp"),
     ([], "data.path"),
 ])
 def test_bad_configs_name_the_file_and_field(override, message):

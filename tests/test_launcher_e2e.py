@@ -185,6 +185,7 @@ def _check_export(weights: Path, ckpt: Path) -> None:
     state = load_file(str(weights))
     model = SSScanDNAHybridModel(CrossDNAConfig.preset("tiny"))
     model.load_state_dict(state, strict=True)
+    assert model.step == int(ckpt.name.removeprefix("step-")) == int(state["g_step"])  # completed optimizer steps
     ema = {}
     for f in sorted((ckpt / "ema").glob("rank-*.safetensors")):
         for k, v in load_file(str(f)).items():

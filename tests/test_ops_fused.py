@@ -201,7 +201,7 @@ def test_layer_fp32_matches_reference(no_tf32, compiled):
     fused_model, ref_model = _pair(CrossDNAConfig.preset("8m"))
     layer, ref_layer = fused_model.branchA_core.layers[0], ref_model.branchA_core.layers[0]
     if compiled:
-        from crossdna.bench.compile import compile_model
+        from crossdna.model.compile import compile_model
 
         compile_model(fused_model)
     x = torch.randn(2, 1024, 128, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))

@@ -116,7 +116,7 @@ def build(cfg: BenchConfig, device: torch.device) -> tuple[SSScanDNAHybridModel,
 
         fused.set_swa_kernel(cfg.swa_kernel)
     if cfg.compile:
-        from crossdna.bench.compile import compile_model
+        from crossdna.model.compile import compile_model
 
         compile_model(model)
     optimizer = torch.optim.AdamW(model.student_parameters(), lr=1e-4, weight_decay=0.1, fused=True)

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--comba-precision", default="fp32", choices=["fp32", "autocast"],
                    help="fp32: Comba outside autocast as upstream (default); autocast: bf16 Comba")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast at all (fp32 + TF32 everywhere)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the layers (crossdna.bench.compile)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the layers (crossdna.model.compile)")
     p.add_argument("--swa-kernel", default="flex", choices=["flex", "fla", "sdpa"])
     p.add_argument("--gram", default="off", choices=["off", "exact", "fast"], help="semantic loss Gram term")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps first (autotune, compilation)")

@@ -50,7 +50,7 @@ class CrossDNAPreTrainedModel(PreTrainedModel):
         # transformers only guards its own init functions), but the derived buffers (complement tables, the host
         # copy of g_step) are not in the file and are filled here, as the backbone's load hook would.
         if isinstance(module, SSScanDNAHybridModel) and not module.g_step.is_meta:
-            SSScanDNAHybridModel._after_load(module, None)
+            module.sync_buffers_after_load()
 
     def embed(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-position representation [B, L, d] (``attention_mask`` is accepted for symmetry; see the module doc)."""

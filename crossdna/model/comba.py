@@ -10,6 +10,7 @@ from torch import nn
 from crossdna import ops
 
 from .config import CombaConfig
+from .swa import RMSNorm
 
 
 class ShortConvolution(nn.Conv1d):
@@ -22,19 +23,10 @@ class ShortConvolution(nn.Conv1d):
         return ops.short_conv(x, self.weight, activation=True, backend=backend)
 
 
-class GatedRMSNorm(nn.Module):
+class GatedRMSNorm(RMSNorm):
     """fla ``FusedRMSNormGated(activation='sigmoid')``: weight only."""
 
-    def __init__(self, hidden_size: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.empty(hidden_size))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, x: torch.Tensor, gate: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, backend: str = "auto") -> torch.Tensor:  # type: ignore[override]
         return ops.gated_rms_norm(x, gate, self.weight, self.eps, backend=backend)
 
 

@@ -216,13 +216,18 @@ class SSScanDNAHybridModel(nn.Module):
         self.P_comp.copy_(F.one_hot(perm_t, NUM_BASES).to(self.P_comp.dtype))
         self.id_complement.copy_(complement_table(self.cfg.alphabet_size))
 
+    @torch.no_grad()
+    def sync_buffers_after_load(self) -> None:
+        """Derive what a state dict does not carry: the host copy of ``g_step`` (read once) and the complement
+        tables (they follow this model's config, not the file's P_comp). Runs as a load hook; loaders that bypass
+        ``load_state_dict`` (transformers' meta-device loading) call it themselves."""
+        if not self.g_step.is_meta:
+            self._set_host_step(int(self.g_step))
+            self._fill_complements()
+
     @staticmethod
     def _after_load(module: "SSScanDNAHybridModel", incompatible_keys) -> None:
-        # A loaded checkpoint brings its own g_step (read once here) and upstream's P_comp content; the
-        # permutation follows this model's config, not the file's.
-        if not module.g_step.is_meta:
-            module._set_host_step(int(module.g_step))
-            module._fill_complements()
+        module.sync_buffers_after_load()
 
     # ---------------------------------------------------------------------------------------------------- forward
     def validate_inputs(self, input_ids: torch.Tensor) -> None:

@@ -120,7 +120,7 @@ def _flex_attention() -> Callable:
 
 def band_block_mask(length: int, window: int, device: torch.device):
     """FlexAttention block mask of the causal band i − window < j ≤ i, cached per shape and device (built in
-    eager mode; :func:`crossdna.bench.compile.compile_model` builds it before compiling)."""
+    eager mode; :func:`crossdna.model.compile.compile_model` builds it before compiling)."""
     key = (length, window, str(device))
     mask = _block_masks.get(key)
     if mask is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from crossdna.model import SSScanDNAHybridModel
+from .hybrid import SSScanDNAHybridModel
 
 
 def compiled_modules(model: SSScanDNAHybridModel) -> list[nn.Module]:
