@@ -165,6 +165,17 @@ def test_zero_trains_and_resumes(strategy, reference, chr20_shards, tmp_path):
         out = run(tmp_path / "full", chr20_shards, f"trainer.strategy={strategy}", "trainer.steps=21", nproc=1,
                   expect=2)
         assert "a ZeRO checkpoint written by 2 ranks cannot be resumed on 1" in out, out[-3000:]
+        # The supported way to another world size: consolidate, then start from those weights (fresh optimizer).
+        weights = tmp_path / "zero1-step20.safetensors"
+        export = subprocess.run([sys.executable, "-m", "crossdna.cli", "export-weights", str(tmp_path / "full"),
+                                 str(weights)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert export.returncode == 0, export.stderr[-3000:]
+        # One rank with grad_accum=2 keeps the global batch of 8, so step 1 sees the same samples as the 2-rank run.
+        run(tmp_path / "from-weights", chr20_shards, f"trainer.init_weights={weights}", "trainer.steps=1",
+            "trainer.grad_accum=2", "trainer.eval_every=0", nproc=1)
+        first = steps(tmp_path / "from-weights")[1]
+        assert first["train/index_sum"] == full[1]["train/index_sum"]
+        assert first["train/ce"] < full[1]["train/ce"] - 0.1  # trained weights on the very batch of step 1
     resume_from_step_10(tmp_path / "full", tmp_path / "resumed", chr20_shards, f"trainer.strategy={strategy}")
     resumed = steps(tmp_path / "resumed")
     for s in range(11, 21):
