@@ -37,13 +37,14 @@ def _offline_env(tmp: Path) -> dict[str, str]:
 
 
 _LOAD_WITHOUT_CROSSDNA = textwrap.dedent("""
-    import importlib.abc, sys
+    import importlib.abc, os, sys
     class BlockCrossdna(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
             if name == "crossdna" or name.startswith("crossdna."):
                 raise ModuleNotFoundError(f"blocked {name}")
     sys.meta_path.insert(0, BlockCrossdna())
-    sys.path = [p for p in sys.path if p not in ("", ".") and not p.startswith(sys.argv[3])]
+    # Drop the checkout itself (not what lies below it: `make` puts .venv, and with it torch, inside the checkout).
+    sys.path = [p for p in sys.path if p not in ("", ".") and os.path.realpath(p) != os.path.realpath(sys.argv[3])]
     try:
         import crossdna
         raise SystemExit("crossdna is importable; the test would not prove self-containment")
