@@ -92,9 +92,15 @@ def local_artifact_root(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
 
 
+# Vocabulary tokens of a language model are settings, not credentials (data.mask_token: upstream|dedicated).
+_VOCABULARY_TOKEN = re.compile(r"(^|[._-])(mask|pad|cls|sep|bos|eos|unk)[_-]token(s|[_-]ids?)?$")
+
+
 def looks_secret(key: str) -> bool:
-    words = re.split(r"[^a-z0-9]+", key.lower())
-    return any(w in _SECRET_WORDS for w in words)
+    key = key.lower()
+    if _VOCABULARY_TOKEN.search(key):
+        return False
+    return any(w in _SECRET_WORDS for w in re.split(r"[^a-z0-9]+", key))
 
 
 def redact(config: Any, path: str = "") -> Any:

@@ -32,6 +32,7 @@ from launcher.checkpoint import CheckpointManager
 from launcher.config import TrainConfig, load_train_config
 from launcher.distributed import DistEnv, derive_seed, init_distributed, seed_everything, shutdown
 from launcher.evaluate import evaluate
+from launcher.export import export_weights
 from launcher.optim import LRSchedule
 from launcher.parallelize import build_engine
 from launcher.progress import Progress
@@ -262,6 +263,10 @@ class Trainer:
                     if env.is_main:
                         os.kill(os.getpid(), signal.SIGKILL)
             self.ckpt.wait()
+            if code == 0 and self.tracker.writes and self.last_checkpoint is not None:
+                # The run's deliverable next to its metrics: the consolidated weights of the final checkpoint.
+                weights = export_weights(self.last_checkpoint, self.run_dir / "model.safetensors")
+                self.tracker.log_artifact(weights, "model")
         except NonFiniteLoss as e:
             if env.is_main:
                 log.error("%s", e)

@@ -29,7 +29,8 @@ def test_demo_shards_trains_tracks_and_exports(tmp_path):
     assert [m.step for m in client.get_metric_history(run_id, "eval/ce")] == [3, 6]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert (out / "report" / "loss.png").stat().st_size > 10_000
-    assert (out / "model.safetensors").is_file()
+    assert (out / "run" / "model.safetensors").is_file()
+    assert {a.path for a in client.list_artifacts(run_id)} == {"config.yaml", "model"}
     hf_config = json.loads((out / "hf" / "config.json").read_text())
     assert "AutoModelForMaskedLM" in hf_config["auto_map"]
     assert "HF export logit parity with the checkpoint: max |diff| = 0.00e+00" in run.stderr

@@ -48,6 +48,8 @@ def test_secrets_are_redacted_and_params_flattened():
     assert redact_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert looks_secret("data.hf_token") and looks_secret("api-key") and looks_secret("s3.secret_access_key")
     assert not looks_secret("data.tokens_per_sample") and not looks_secret("model.num_kv_heads")
+    assert not looks_secret("data.mask_token") and not looks_secret("tokenizer.pad_token_id")
+    assert looks_secret("tracking.mask_token_secret") and looks_secret("hub.token")
     flat = flatten_params(redact(CONFIG))
     assert flat == {"model.dim": "32", "model.layers": "[2, 4]", "optim.lr": "0.0003",
                     "data.tokens_per_sample": "1024", "data.hf_token": "<redacted>",

@@ -28,7 +28,7 @@ CrossDNA demo finished.
   MLflow run    {result.run_id}
                 review: mlflow ui --backend-store-uri {result.tracking_uri}
   plots         {', '.join(str(p) for p in result.plots)}
-  weights       {result.weights}
+  weights       {result.weights}  (also the MLflow artifact model/)
   HF export     {result.hf_dir}
                 AutoModelForMaskedLM.from_pretrained("{result.hf_dir}", trust_remote_code=True)""")
     return 0

@@ -45,7 +45,6 @@ def run_demo(out: str | Path, overrides: list[str] = (), overwrite: bool = False
     from crossdna.config import load
     from crossdna.hf.export import export, parity_check
     from launcher.config import load_train_config
-    from launcher.export import export_weights
     from launcher.report_plots import render_report
     from launcher.tracking import resolve_tracking_uri
     from launcher.train import train
@@ -80,7 +79,7 @@ def run_demo(out: str | Path, overrides: list[str] = (), overwrite: bool = False
     plots = render_report(uri, run_id, out / "report")
 
     t0 = time.perf_counter()
-    weights = export_weights(run_dir, out / "model.safetensors")
+    weights = run_dir / "model.safetensors"  # consolidated by the trainer at the end of a tracked run
     hf_dir = export(str(run_dir), out / "hf", overwrite=True)
     err = parity_check(str(run_dir), hf_dir)
     log.info("demo: HF export logit parity with the checkpoint: max |diff| = %.2e", err)
