@@ -69,6 +69,10 @@ crossdna_export_env() {
   if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
     export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
   fi
+  # Rank variables inherited from the submitting shell (sbatch exports its environment; e.g. a submission from
+  # inside another distributed job) would give every task of this job the same rank: each task's rank comes
+  # from torchrun or from SLURM_PROCID instead.
+  unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE GROUP_RANK MASTER_ADDR MASTER_PORT TORCHELASTIC_RUN_ID
 }
 
 # Where the per-node and per-rank logs of this job go (created here; Slurm does not create directories).

@@ -16,6 +16,16 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """No test leaks environment variables into the next (e.g. RANK from an in-process init_distributed, which a
+    later `sbatch --export=ALL` would hand to every task of a job)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -42,6 +42,13 @@ def test_ranks_per_node(env, expected):
     assert (proc.returncode, proc.stdout.strip()) == (0, expected), proc.stderr
 
 
+def test_job_environment_drops_rank_variables_inherited_from_the_submitter():
+    # sbatch exports the submitting shell's environment; a RANK from it would give every srun task rank 0.
+    proc = _bash("source slurm/common.sh && crossdna_export_env && echo \"${RANK-unset} ${WORLD_SIZE-unset} "
+                 "${MASTER_PORT-unset} $PYTHONUNBUFFERED\"", {"RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29500"})
+    assert (proc.returncode, proc.stdout.strip()) == (0, "unset unset unset 1"), proc.stderr
+
+
 @pytest.mark.parametrize("bad", ["0", "two", "-1", "08", "2 3"])
 def test_ranks_per_node_rejects_non_counts(bad):
     proc = _bash("CROSSDNA_SCRIPT=x.sh; source slurm/common.sh && crossdna_procs_per_node",
