@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from crossdna.versions import installed_version
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 
@@ -46,13 +47,6 @@ def git_state(repo: Path = REPO_DIR) -> tuple[str, str]:
         return sha, dirty
     except (OSError, subprocess.SubprocessError):
         return "unknown", "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def gpu_model() -> str:
@@ -93,7 +87,7 @@ def environment_tags(world_size: int, hostnames: list[str]) -> dict[str, str]:
         "gpu.model": gpu_model(),
         "version.cuda": torch.version.cuda or "none",
         "version.crossdna": __version__,
-        **{tag: _version(dist) for tag, dist in _VERSIONS.items()},
+        **{tag: installed_version(dist) or "not installed" for tag, dist in _VERSIONS.items()},
     }
     tags.update({tag: os.environ[var] for tag, var in _SLURM.items() if os.environ.get(var)})
     return tags

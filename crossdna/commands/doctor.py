@@ -19,6 +19,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Callable
 
+from crossdna.versions import installed_version
+
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skipped"
 NO_CUDA = "no CUDA device"
 
@@ -51,14 +53,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
 def _cuda() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -213,7 +207,7 @@ def check_triton() -> str:
 def check_fla() -> str:
     import fla.ops.comba  # noqa: F401  (imports fla's Triton kernels; fails without triton)
 
-    version = _version("fla-core") or _version("flash-linear-attention")
+    version = installed_version("fla-core") or installed_version("flash-linear-attention")
     if _cuda():
         from crossdna.ops.fused import hopper_backward_problem
         problem = hopper_backward_problem()
@@ -310,7 +304,7 @@ def check_mlflow(uri: str | None) -> str:
 
     from launcher.tracking import redact_uri
 
-    version = _version("mlflow") or _version("mlflow-skinny")
+    version = installed_version("mlflow") or installed_version("mlflow-skinny")
     if version is None:
         raise RuntimeError("mlflow is not installed (pip install 'crossdna[train]')")
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -5,20 +5,14 @@ import argparse
 import json
 import platform
 
+from crossdna.versions import installed_version
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print versions, devices and model parameter counts")
     p.add_argument("--preset", default="8m", help="model preset to count (default: 8m)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=run)
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(module)
-    except Exception:
-        return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,10 +29,10 @@ def run(args: argparse.Namespace) -> int:
         "crossdna": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "fla-core": _version("fla-core"),
-        "deepspeed": _version("deepspeed"),
-        "mlflow": _version("mlflow") or _version("mlflow-skinny"),
+        "triton": installed_version("triton"),
+        "fla-core": installed_version("fla-core"),
+        "deepspeed": installed_version("deepspeed"),
+        "mlflow": installed_version("mlflow") or installed_version("mlflow-skinny"),
         "cuda_available": torch.cuda.is_available(),
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "preset": args.preset,
