@@ -20,7 +20,6 @@ allow-list of DeepSpeed's enum/dataclass types (launcher/parallelize.py).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -37,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from crossdna.fileio import sha256_file, write_atomic
 from launcher.distributed import DistEnv, rng_state, set_rng_state
 
 FORMAT_VERSION = 1
@@ -52,22 +52,6 @@ class CheckpointError(ValueError):
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- DCP
@@ -189,7 +173,7 @@ class CheckpointManager:
             state = {"format_version": FORMAT_VERSION, "step": step, "world_size": self.env.world_size,
                      "time": time.time(), **trainer_state}
             (tmp / CONFIG_FILE).write_text(config_yaml)
-            _write_atomic(tmp / TRAINER_FILE, json.dumps(state, indent=1, sort_keys=True))
+            write_atomic(tmp / TRAINER_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
         if future is not None:
             self._pending = (future, tmp, final)
             return final
@@ -214,13 +198,13 @@ class CheckpointManager:
     def _finalize(self, tmp: Path, final: Path) -> None:
         if not self.env.is_main:
             return
-        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                  for p in sorted(tmp.rglob("*")) if p.is_file() and p.name != "files.json"}
-        _write_atomic(tmp / "files.json", json.dumps(files, indent=1))
+        write_atomic(tmp / "files.json", json.dumps(files, indent=1).encode())
         if final.exists():  # re-saving a step after a resume: the new one replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(self.root / LATEST, final.name + "\n")
+        write_atomic(self.root / LATEST, (final.name + "\n").encode())
         for old in self.checkpoints()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -237,7 +221,7 @@ class CheckpointManager:
             f = path / rel
             if not f.is_file():
                 raise CheckpointError(f"{f}: listed in the checkpoint but missing")
-            if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            if f.stat().st_size != meta["bytes"] or sha256_file(f) != meta["sha256"]:
                 raise CheckpointError(f"{f}: corrupt (size or sha256 differs from {listing.name})")
         try:
             state = json.loads((path / TRAINER_FILE).read_text())

@@ -18,11 +18,11 @@ from tqdm import tqdm
 
 from crossdna.config import from_dict, to_dict
 from sharding import FORMAT_VERSION, SHARDER_VERSION
-from sharding.atomic import TMP_SUFFIX, write_atomic
+from crossdna.fileio import TMP_SUFFIX, sha256_file, write_atomic
 from sharding.config import ShardConfig
 from sharding.extract import (N_HIST_BINS, add_stats, empty_stats, init_extractor, run_task, spill_paths,
                               task_marker)
-from sharding.fasta import Fasta, sha256_file
+from sharding.fasta import Fasta
 from sharding.manifest import MANIFEST, dumps, load_manifest
 from sharding.regions import Plan, Task, make_plan, piece_range
 from sharding.write import init_writer, shard_jobs, write_shard

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from crossdna import tokens
-from sharding.atomic import write_atomic
+from crossdna.fileio import write_atomic
 from sharding.config import ShardConfig
 from sharding.fasta import Fasta
 from sharding.regions import Piece, Region, Task, piece_range

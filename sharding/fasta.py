@@ -8,7 +8,6 @@ Missing indices are built in one streaming pass and written next to the FASTA (a
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import zlib
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from sharding.atomic import write_atomic
+from crossdna.fileio import write_atomic
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _READ_CHUNK = 1 << 24
@@ -32,12 +31,6 @@ class Contig:
     linewidth: int  # bytes per full line, terminator included
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_bgzf(head: bytes) -> bool:
@@ -81,7 +74,7 @@ class _FaiBuilder:
 
     def _line(self, line: bytes) -> None:
         self._lineno += 1
-        start, self._pos = self._pos, self._pos + len(line)
+        self._pos += len(line)
         if line.startswith(b">"):
             self._close()
             name = line[1:].split(None, 1)[0].decode() if line[1:].strip() else ""

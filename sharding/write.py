@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sharding.atomic import write_atomic
+from crossdna.fileio import write_atomic
 from sharding.extract import META_DTYPE, spill_paths
 from sharding.regions import Region
 from sharding.tarwrite import encode_shard

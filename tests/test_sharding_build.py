@@ -197,8 +197,8 @@ class _FillingDisk:
 
 
 def test_disk_full_mid_shard_lists_nothing_incomplete_then_resumes(reference, tmp_path, monkeypatch):
-    monkeypatch.setattr("sharding.atomic._CHUNK", 4096)  # several writes per shard, so it fails mid-shard
-    monkeypatch.setattr("sharding.atomic.open", _FillingDisk(budget=5 * 160_000 + 70_000), raising=False)
+    monkeypatch.setattr("crossdna.fileio._CHUNK", 4096)  # several writes per shard, so it fails mid-shard
+    monkeypatch.setattr("crossdna.fileio.open", _FillingDisk(budget=5 * 160_000 + 70_000), raising=False)
     with pytest.raises(OSError, match=r"shard-0000\d\d\.tar: No space left on device"):
         build_shards(demo_cfg(), tmp_path, workers=1, progress=False)
     assert not (tmp_path / "manifest.json").exists()

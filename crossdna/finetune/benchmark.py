@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,28 +18,15 @@ import torch
 
 from crossdna import __version__
 from crossdna import config as _config
+from crossdna.fileio import write_atomic
 from crossdna.finetune.config import BenchmarkConfig, TaskConfig
 from crossdna.finetune.data import load_splits
 from crossdna.finetune.metrics import METRICS
 from crossdna.finetune.tracking import BenchmarkTracker
 from crossdna.finetune.trainer import FinetuneResult, finetune, resolve_device, seed_everything
 from crossdna.hf.weights import load_backbone
+from launcher.run_tags import git_state
 
-
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "uncommitted"
-    except (OSError, subprocess.SubprocessError):
-        return "uncommitted"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def summarize(results: Sequence[FinetuneResult], kind: str) -> dict[str, dict[str, float]]:
@@ -94,9 +78,10 @@ def run_benchmark(cfg: BenchmarkConfig, init: str, out_dir: str | Path, task_nam
     tasks: list[TaskConfig] = [cfg.task(n) for n in task_names] if task_names else list(cfg.tasks)
     seeds = list(seeds) if seeds else list(cfg.seeds)
     device = resolve_device(cfg.train.device)
+    git_sha, git_dirty = git_state()
     meta = {"suite": cfg.name, "init": init, "seeds": seeds, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "torch": torch.__version__, "crossdna": __version__, "git_sha": _git_sha(),
+            "torch": torch.__version__, "crossdna": __version__, "git_sha": git_sha, "git_dirty": git_dirty,
             "config": _config.to_dict(cfg)}
     tracker = BenchmarkTracker(out_dir, cfg.experiment, f"{cfg.name}:{Path(init).name}", cfg.tracking_uri,
                                enabled=tracking, tags={"crossdna.suite": cfg.name, "crossdna.init": init})
@@ -133,8 +118,8 @@ def run_benchmark(cfg: BenchmarkConfig, init: str, out_dir: str | Path, task_nam
             if child is not None:
                 child.log_metrics(0, {f"test/{k}_{s}": v[s] for k, v in summary.items() for s in ("mean", "std")})
                 child.finish()
-            _write_atomic(json_path, json.dumps({**meta, "tasks": rows}, indent=2, default=float) + "\n")
-            _write_atomic(md_path, results_markdown(cfg.name, init, rows))
+            write_atomic(json_path, (json.dumps({**meta, "tasks": rows}, indent=2, default=float) + "\n").encode())
+            write_atomic(md_path, results_markdown(cfg.name, init, rows).encode())
         status = "FINISHED"
     finally:
         if tracker.parent is not None:

@@ -1,10 +1,12 @@
-"""Crash-safe file writes: write a temp file in the same directory, fsync, rename over the target.
+"""File primitives shared by the sharder, the checkpoints and the result writers.
 
-A reader (or a resumed run) therefore sees either the old file or the complete new one, never a torn write,
-whatever kills the writer (SIGKILL, a full disk, a node failure).
+Crash-safe writes: a temp file in the same directory, fsync, rename over the target. A reader (or a resumed run)
+therefore sees either the old file or the complete new one, never a torn write, whatever kills the writer
+(SIGKILL, a full disk, a node failure).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -29,3 +31,11 @@ def write_atomic(path: str | Path, data: bytes | memoryview) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
