@@ -80,8 +80,8 @@ def run_demo(out: str | Path, overrides: list[str] = (), overwrite: bool = False
 
     t0 = time.perf_counter()
     weights = run_dir / "model.safetensors"  # consolidated by the trainer at the end of a tracked run
-    hf_dir = export(str(run_dir), out / "hf", overwrite=True)
-    err = parity_check(str(run_dir), hf_dir)
+    hf_dir = export(str(weights), out / "hf", overwrite=True)
+    err = parity_check(str(weights), hf_dir)
     log.info("demo: HF export logit parity with the checkpoint: max |diff| = %.2e", err)
     _stage("export", t0)
     return DemoResult(manifest.parent, run_dir, uri, run_id, plots, weights, hf_dir)
