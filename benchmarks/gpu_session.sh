@@ -1,29 +1,45 @@
 #!/usr/bin/env bash
-# One GPU-machine session for the fused path: install the wheels the image lacks, run the GPU tests, the kernel
-# floors and the training-step benchmark. Run from the repo root on the device machine:
+# GPU-machine sessions: install the wheels the image lacks, run the GPU tests, the benchmarks and the one-GPU
+# pretrain + finetune demonstration. Run from the repo root on the device machine:
 #   bash benchmarks/gpu_session.sh STAGE...
 # STAGEs, in the order given:
 #   install-a    fla-core, flash-linear-attention, pydantic, ... (.gpu/core) + tilelang (.gpu/tla) into /tmp/site,
 #                and the Triton autotune results + tilelang kernels of an earlier session (.gpu/cache), if any
 #   install-b    z3-solver (.gpu/tlb), which tilelang needs (split off: the carry limit is 64 MiB per call)
+#   install-mlflow  mlflow-skinny and its deps (.gpu/mlflow)
 #   tests        pytest -m gpu tests/test_ops_fused.py tests/test_model_gpu.py
+#   tests-rerun  the slower of those only: full model vs float64, bf16 vs fp32 training, CUDA graph, host syncs
+#   telemetry    pytest -m gpu tests/test_telemetry_gpu.py (needs install-mlflow)
+#   overhead     benchmarks/logging_overhead.py on the GPU (needs install-mlflow; data in runs/devdata/gb)
 #   kernels      benchmarks/kernels_bench.py (Comba and attention floors at B=150)
 #   eager        crossdna bench train-step, eager, bf16 Comba (with a profile)
 #   compiled     the same with torch.compile
+#   graphed      compiled, timed uncaptured and then with the whole step captured as one CUDA graph
+#   budget       compiled with activation_budget 0.5, B=150 (memory for time)
 #   faithful     eager with fp32 Comba (the upstream numerics)
-#   faithful-compiled  fp32 Comba with torch.compile (not yet measured)
+#   faithful-compiled  fp32 Comba with torch.compile
+#   pretrain     shard the full chr20 and pretrain configs/pretrain/8m-chr20-1gpu.yaml into /tmp/run-8m; the
+#                loss/throughput/GPU plots, the trainer state and the weights (in <16 MiB parts) come back
+#   finetune     GUE tf0-4, 3 seeds, from the pretrained weights and from scratch: ten processes on the one GPU
+#                (each is launch-bound at 101 bp), then benchmarks/compare_finetune.py (data in runs/devdata/gue);
+#                FT_INIT=... finetunes another pretrained source (e.g. a checkpoint directory of the run)
 #   save-cache   the autotune results and tilelang kernels to $OUT/autotune_cache.tgz, for the next session
-# Everything written under $OUT (logs, JSON) comes back; the chr20 FASTA is expected in .gpu/chr20/.
-# With the `run` tool: call 1 carries .gpu/core .gpu/tla .gpu/cache and runs `install-a`; call 2, within the 30 s
-# the machine stays warm, carries .gpu/tlb .gpu/chr20 and runs `install-b STAGE...`. Cold Triton autotuning and
-# tilelang compilation take minutes; with .gpu/cache/autotune_cache.tgz from `save-cache` a bench warms up in ~1 min.
+# Everything written under $OUT (logs, JSON, plots) comes back; the chr20 FASTA is expected in .gpu/chr20/.
+# With the `run` tool: call 1 carries .gpu/core .gpu/tla .gpu/cache and runs `install-a`; the next call, within
+# the 30 s the machine stays warm, carries .gpu/tlb .gpu/chr20 and runs `install-b STAGE...`; a later call carries
+# .gpu/mlflow runs/devdata for the stages that need them. Carried folders are copied to /tmp on first use, so a
+# later call need not carry them again. Cold Triton autotuning and tilelang compilation take minutes; with
+# .gpu/cache/autotune_cache.tgz from `save-cache` a bench warms up in ~1 min.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-export CROSSDNA_CHR20_FASTA=$PWD/.gpu/chr20/20.fa.gz
+if [ -f .gpu/chr20/20.fa.gz ]; then mkdir -p /tmp/chr20 && cp -n .gpu/chr20/* /tmp/chr20/; fi
+export CROSSDNA_CHR20_FASTA=/tmp/chr20/20.fa.gz
+RUN=/tmp/run-8m
 OUT=${OUT:-/tmp/crossdna-out}
 mkdir -p "$OUT"
 LOG=$OUT/session.log
 pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
+ft_dirs() { printf "/tmp/ft/$1-tf%s," 0 1 2 3 4 | sed 's/,$//'; }
 bench() { timeout "$1" python3 -m crossdna.cli bench train-step --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT" "${@:2}"; }
 for stage in "$@"; do
   echo "=== $stage $(date -u +%T)" | tee -a "$LOG"
@@ -32,10 +48,36 @@ for stage in "$@"; do
                if [ -f .gpu/cache/autotune_cache.tgz ]; then tar xzf .gpu/cache/autotune_cache.tgz -C ~; fi ;;
     install-b) pip_install .gpu/tlb/*.whl 2>&1 | tail -3 | tee -a "$LOG"
                python3 -c "import torch, triton, fla, tilelang; from crossdna.ops import fused; print(torch.__version__, triton.__version__, fla.__version__, tilelang.__version__, torch.cuda.get_device_name(0), 'fused unavailable:', repr(fused.UNAVAILABLE))" 2>&1 | tail -3 | tee -a "$LOG" ;;
-    tests) timeout 380 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -v -rs --tb=line -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -60 | tee -a "$LOG" ;;
+    install-mlflow) pip_install .gpu/mlflow/*.whl 2>&1 | tail -3 | tee -a "$LOG" ;;
+    tests) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -v -rs --tb=line -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -60 | tee -a "$LOG" ;;
+    tests-rerun) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -k "model_fp32 or bf16_training or cuda_graph or host_sync or agree" -v -rA --tb=short -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed|windows|fp32 |bf16 " | tail -40 | tee -a "$LOG" ;;
+    telemetry) timeout 200 python3 -m pytest tests/test_telemetry_gpu.py -m gpu -v -rs --tb=short -p no:logging --timeout 150 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -30 | tee -a "$LOG" ;;
+    overhead) timeout 240 python3 benchmarks/logging_overhead.py --device cuda --data runs/devdata/gb/regulatory_ensembl_train_subsample.tsv --out "$OUT/logging_overhead_h100.json" 2>&1 | tail -8 | tee -a "$LOG" ;;
     kernels) timeout 200 python3 benchmarks/kernels_bench.py "$OUT" 2>&1 | grep -v -i "warn\|tilelang" | tail -12 | tee -a "$LOG" ;;
     eager) bench 200 --comba-precision autocast --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     compiled) bench 330 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
+    graphed) bench 400 --comba-precision autocast --compile --cuda-graph --warmup 3 --steps 20 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
+    budget) bench 200 --batch 150 --comba-precision autocast --compile --activation-budget 0.5 --warmup 3 --steps 10 2>&1 | grep -v TileLang | tail -4 | tee -a "$LOG" ;;
+    pretrain) timeout 60 python3 -m crossdna.cli shard build --config configs/shard/chr20.yaml --out /tmp/chr20-shards --quiet fasta="$CROSSDNA_CHR20_FASTA" 2>&1 | tail -2 | tee -a "$LOG"
+              start=$(date +%s)
+              timeout 570 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=$RUN > "$OUT/pretrain.log" 2>&1
+              echo "pretrain exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG"
+              grep -E "step +(200|400|600|800|1000)/|eval|wrote|exit" "$OUT/pretrain.log" | grep -v TileLang | tail -20 | tee -a "$LOG"
+              run_id=$(python3 -c "import json,glob; print(json.load(open(sorted(glob.glob('$RUN/checkpoints/*/trainer.json'))[-1]))['tracking_run_id'])")
+              python3 -m crossdna.cli report "$run_id" --run-dir $RUN --out "$OUT/report" 2>&1 | tail -3 | tee -a "$LOG"
+              cp $RUN/checkpoints/*/trainer.json $RUN/train_log.jsonl "$OUT/" 2>/dev/null
+              split -b 15M $RUN/model.safetensors "$OUT/weights.part-" ;;
+    finetune) mkdir -p /tmp/ft
+              for init in pretrained scratch; do
+                src=$([ $init = pretrained ] && echo "${FT_INIT:-$RUN/model.safetensors}" || echo scratch)
+                for t in 0 1 2 3 4; do
+                  timeout 560 python3 -m crossdna.cli benchmark --suite gue-tf --tasks tf$t --init "$src" --out /tmp/ft/$init-tf$t --quiet --no-tracking data_root=runs/devdata train.device=cuda > /tmp/ft/$init-tf$t.log 2>&1 &
+                done
+              done
+              wait
+              tail -n 3 /tmp/ft/*.log | grep -v TileLang | tail -40 | tee -a "$LOG"
+              python3 benchmarks/compare_finetune.py --out "$OUT/gue_tf_pretrained_vs_scratch" \
+                "scratch=$(ft_dirs scratch)" "pretrained=$(ft_dirs pretrained)" 2>&1 | tee -a "$LOG" ;;
     faithful) bench 200 --comba-precision fp32 --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     faithful-compiled) bench 330 --comba-precision fp32 --compile --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     save-cache) (cd ~ && find .triton/cache -name '*.autotune.json' > /tmp/autotune.list && tar czf "$OUT/autotune_cache.tgz" -T /tmp/autotune.list .tilelang) ;;

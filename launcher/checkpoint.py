@@ -156,8 +156,8 @@ class CheckpointManager:
 
     # -- save
     def save(self, step: int, engine, trainer_state: dict, config_yaml: str) -> Path:
-        """Write checkpoint ``step``; returns its final path. With async saves the pointer moves when the
-        background write finishes (``wait`` or the next ``save``)."""
+        """Write checkpoint ``step``; returns its final path. With async saves the pointer moves in ``wait``: the
+        trainer calls it at the first step after every rank's background write has finished."""
         self.wait()
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
@@ -181,6 +181,11 @@ class CheckpointManager:
         self._finalize(tmp, final)
         dist.barrier()
         return final
+
+    def pending_done(self) -> bool:
+        """True when no async save is pending or this rank's part of it is on disk (then ``wait`` won't block
+        on it; it still meets the other ranks)."""
+        return self._pending is None or self._pending[0].done()
 
     def wait(self) -> None:
         """Block until a pending async save is on disk and published."""

@@ -42,6 +42,8 @@ class TrainerConfig:
                                         # import-upstream); ignored when resuming from a checkpoint
     compile: bool = False               # torch.compile each layer, fla kernels left opaque (crossdna/model/compile.py;
                                         # the 2x of docs/performance.md); ddp and fsdp
+    compile_activation_budget: float = 1.0  # < 1: compiled layers recompute cheap ops instead of saving them
+                                        # (memory for time; crossdna/model/compile.py)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -52,6 +54,8 @@ class TrainerConfig:
         for name in ("eval_every", "eval_batches", "eval_micro_batch", "ckpt_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.compile_activation_budget <= 1.0:
+            raise ValueError(f"compile_activation_budget: must be in [0, 1], got {self.compile_activation_budget}")
         if self.compile and self.strategy not in ("ddp", "fsdp"):
             # DeepSpeed's ZeRO hooks gather and release parameters around each module's forward; compiled modules
             # under those hooks are not what the benchmark measured, so they are not offered.
@@ -65,7 +69,8 @@ class FaultConfig:
     nonfinite_step: int = -1            # make one loss term non-finite at this step (1-based) ...
     nonfinite_term: Literal["total", "ce", "sem", "gate"] = "ce"
     nonfinite_rank: int = 0             # ... on this rank
-    kill_after_step: int = -1           # SIGKILL rank 0 right after this step (and its checkpoint) completes
+    kill_after_step: int = -1           # SIGKILL rank 0 right after this step (and its own checkpoint, if it
+                                        # writes one) completes; an earlier async save still in flight is not waited for
 
 
 @dataclass

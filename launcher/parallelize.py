@@ -17,6 +17,7 @@ so a strategy is a choice in the config, not a fork of the loop.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,11 @@ from launcher.distributed import DistEnv
 from launcher.optim import OptimConfig, build_optimizer, set_lr
 
 STRATEGIES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+# Buffers (g_step, the complement tables) are identical on every rank by construction; syncing them at each
+# forward is a broadcast per step for nothing. torch 2.13 calls the switch forward_sync_buffers (the old name
+# warns); earlier releases (the GPU image's 2.11) only know broadcast_buffers.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                   else {"broadcast_buffers": False})
 
 
 class Engine:
@@ -122,8 +128,7 @@ class TorchEngine(Engine):
         if find_unused == self._find_unused:
             return
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-        self.wrapped = DDP(self.model, device_ids=device_ids, forward_sync_buffers=False,
-                           find_unused_parameters=find_unused)
+        self.wrapped = DDP(self.model, device_ids=device_ids, find_unused_parameters=find_unused, **_NO_BUFFER_SYNC)
         self._find_unused = find_unused
 
     def set_step(self, step: int) -> None:

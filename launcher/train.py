@@ -46,8 +46,8 @@ log = logging.getLogger("launcher")
 TERMS = ("total", "ce", "sem", "gate")
 METRICS = ("acc", "acc_a", "acc_b")
 LOGGED_NAMES = {"total": "loss"}
-_GRAD_NORM, _INDEX_SUM, _INDEX_SQ, _PREEMPT = range(len(TERMS) + len(METRICS), len(TERMS) + len(METRICS) + 4)
-_NSTATS = _PREEMPT + 1
+_GRAD_NORM, _INDEX_SUM, _INDEX_SQ, _PREEMPT, _SAVED = range(len(TERMS) + len(METRICS), len(TERMS) + len(METRICS) + 5)
+_NSTATS = _SAVED + 1
 
 
 class NonFiniteLoss(RuntimeError):
@@ -84,7 +84,7 @@ class Trainer:
         # without tilelang) is refused here, 'auto' falls back to the reference kernels with one warning line.
         ops.resolve(cfg.model.kernels, env.device)
         if t.compile:
-            compile_model(model.to(env.device))
+            compile_model(model.to(env.device), activation_budget=t.compile_activation_budget)
         seed_everything(t.seed, env.rank, t.deterministic)
         self.engine = build_engine(model, t.strategy, env, cfg.optim, t.precision, t.micro_batch, t.grad_accum,
                                    t.deepspeed_config)
@@ -209,6 +209,10 @@ class Trainer:
                 if norm is not None:
                     local[_GRAD_NORM] = norm.double()
                 local[_PREEMPT] = float(preempt.requested)
+                # Whether this rank's background checkpoint write has finished: summed over ranks by the step's one
+                # all-reduce, so the checkpoint is published as soon as every rank is done, not at the next save
+                # (a job killed in between would otherwise lose it).
+                local[_SAVED] = float(self.ckpt.pending_done())
                 stats = local.clone()
                 dist.all_reduce(stats)
                 values = stats.tolist()  # the step's one host sync
@@ -248,8 +252,11 @@ class Trainer:
                     progress.event(self.step, metrics, f"eval step {self.step}: ce {metrics['eval/ce']:.4f} "
                                    f"ppl {metrics['eval/ppl']:.3f} acc {metrics['eval/acc']:.4f}")
 
+                if values[_SAVED] == env.world_size:
+                    self.ckpt.wait()  # returns at once when nothing is pending
                 preempted = values[_PREEMPT] > 0
-                if preempted or self.step == t.steps or (t.ckpt_every and self.step % t.ckpt_every == 0):
+                saved = preempted or self.step == t.steps or bool(t.ckpt_every and self.step % t.ckpt_every == 0)
+                if saved:
                     self.save()
                 if preempted:
                     self.ckpt.wait()
@@ -259,7 +266,8 @@ class Trainer:
                     status, code = "KILLED", REQUEUE_EXIT_CODE
                     break
                 if cfg.fault.kill_after_step == self.step:
-                    self.ckpt.wait()  # collective: the checkpoint of this step is published first
+                    if saved:
+                        self.ckpt.wait()  # collective: the checkpoint of this step is published first
                     if env.is_main:
                         os.kill(os.getpid(), signal.SIGKILL)
             self.ckpt.wait()

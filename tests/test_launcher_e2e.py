@@ -146,6 +146,17 @@ def test_sigkill_at_step_10_then_resume_matches_the_uninterrupted_run(strategy, 
     assert e[-1]["eval/ce"] < e[0]["eval/ce"] + 0.05
 
 
+def test_async_checkpoint_is_published_without_waiting_for_the_next_save(chr20_shards, tmp_path):
+    """An async checkpoint is published once every rank's write is done (checked in the step's all-reduce), not at
+    the next save: killed at step 14, the run has step 10 to resume from, not step 5 (what it had when publishing
+    waited for the next save). Four steps are ample for writing the tiny model's few MB."""
+    out = run(tmp_path, chr20_shards, "trainer.async_checkpoint=true", "trainer.ckpt_every=5", "trainer.eval_every=0",
+              "fault.kill_after_step=14", expect=None)
+    assert max(steps(tmp_path)) == 14, out[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000010", out[-3000:]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
 def test_zero_trains_and_resumes(strategy, reference, chr20_shards, tmp_path):
     # ZeRO-2 goes through DeepSpeed's own launcher (`deepspeed --module`), the others through torchrun.

@@ -32,6 +32,9 @@ def test_nvml_reads_the_extended_counters():
 def test_device_tensor_snapshot_does_not_wait_for_the_stream():
     loss = torch.full((), 1.25, device="cuda")
     lr = torch.full((), 0.5, device="cuda")
+    # Once untimed: CUDA loads each kernel's module on its first launch (lazy loading), and loading synchronises
+    # the context, which would look like the snapshot waiting. A trainer's logging call is never the first use.
+    read_snapshot(snapshot_tensors({"loss": loss.mul(2).zero_(), "lr": lr}))
     torch.cuda.synchronize()
     busy = torch.cuda.Event()
     torch.cuda._sleep(500_000_000)  # keep the stream busy for a few hundred ms, like a long backward

@@ -8,13 +8,13 @@ are bracketed by CUDA events and synchronised once at the end, so host and devic
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
 import statistics
-import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +43,8 @@ class BenchConfig:
     comba_precision: str = "fp32"      # CombaConfig.precision: "fp32" (faithful) or "autocast" (bf16)
     amp: bool = True                   # bf16 autocast around forward + loss (fp32 master weights)
     compile: bool = False
+    activation_budget: float = 1.0     # compile_model's activation_budget (< 1: recompute instead of saving)
+    cuda_graph: bool = False           # capture the whole step once, replay it (no host work per step)
     swa_kernel: str = "flex"
     gram: str = "off"                  # ObjectiveConfig.gram
     warmup: int = 8
@@ -64,6 +66,10 @@ class BenchConfig:
             parts.append(self.swa_kernel)
         if self.compile:
             parts.append("compile")
+        if self.activation_budget < 1.0:
+            parts.append(f"budget{self.activation_budget:g}")
+        if self.cuda_graph:
+            parts.append("cudagraph")
         return "_".join(parts)
 
 
@@ -118,9 +124,32 @@ def build(cfg: BenchConfig, device: torch.device) -> tuple[SSScanDNAHybridModel,
     if cfg.compile:
         from crossdna.model.compile import compile_model
 
-        compile_model(model)
-    optimizer = torch.optim.AdamW(model.student_parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+        compile_model(model, activation_budget=cfg.activation_budget)
+    # capturable: the step counter lives on the device, so the optimizer step can be replayed from a graph
+    optimizer = torch.optim.AdamW(model.student_parameters(), lr=1e-4, weight_decay=0.1, fused=True,
+                                  capturable=cfg.cuda_graph)
     return model, optimizer
+
+
+def graphed(step: Callable[[dict], torch.Tensor], example: dict) -> Callable[[dict], torch.Tensor]:
+    """Capture one whole training step (forward, backward, clipping, optimizer, EMA) as a CUDA graph and return
+    a step that copies the batch into the graph's input buffers and replays it: no Python, dynamo guards or
+    kernel launches per step, which is what bounds the step at small batches. Valid because the step has no
+    host syncs and, at a fixed step index, no data-dependent control flow; call after the warm-up (autotuning and
+    compilation happen outside the capture)."""
+    static = {k: v.clone() for k, v in example.items()}
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step(static)
+
+    def replay(batch: dict) -> torch.Tensor:
+        for k, buffer in static.items():
+            buffer.copy_(batch[k], non_blocking=True)
+        graph.replay()
+        return loss.clone()
+
+    return replay
 
 
 # ------------------------------------------------------------------------------------------------- profiler
@@ -174,6 +203,24 @@ def kernel_profile(step: Callable, batches: list[dict], n: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- run
+def timed_steps(step: Callable, batches: list[dict], n: int, device: torch.device, reset_peak: bool = True
+                ) -> tuple[list[float], list[torch.Tensor], float, float]:
+    """``n`` steps bracketed by CUDA events, one sync at the end: (s per step, losses, peak allocated GiB, peak
+    reserved GiB)."""
+    if reset_peak:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    losses = []
+    for i, (begin, end) in enumerate(events):
+        begin.record()
+        losses.append(step(batches[i % len(batches)]))
+        end.record()
+    torch.cuda.synchronize()
+    return ([b.elapsed_time(e) / 1e3 for b, e in events], losses,
+            torch.cuda.max_memory_allocated(device) / 2 ** 30, torch.cuda.max_memory_reserved(device) / 2 ** 30)
+
+
 def bench_batch(cfg: BenchConfig, batch: int, device: torch.device, progress: Callable[[str], None]) -> dict:
     model, optimizer = build(cfg, device)
     objective = ObjectiveConfig(gram=cfg.gram)
@@ -182,25 +229,36 @@ def bench_batch(cfg: BenchConfig, batch: int, device: torch.device, progress: Ca
                for b in real_batches(cfg.fasta, batch, cfg.length, 4, cfg.seed)]
     torch.cuda.synchronize()
     start = time.perf_counter()
-    for i in range(cfg.warmup):
-        loss = step(batches[i % len(batches)])
+    # Warm-up on a side stream: what the capture needs (lazily created handles, workspaces) then exists for it.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side) if cfg.cuda_graph else contextlib.nullcontext():
+        for i in range(cfg.warmup):
+            loss = step(batches[i % len(batches)])
+    torch.cuda.current_stream(device).wait_stream(side)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - start
     progress(f"{time.strftime('%H:%M:%S')} batch {batch}: warm-up {cfg.warmup} steps in {warmup_s:.1f} s, "
              f"loss {float(loss):.4f}")
 
-    torch.cuda.reset_peak_memory_stats(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(cfg.steps)]
-    losses = []
-    for i, (begin, end) in enumerate(events):
-        begin.record()
-        losses.append(step(batches[i % len(batches)]))
-        end.record()
-    torch.cuda.synchronize()
-    times = [b.elapsed_time(e) / 1e3 for b, e in events]
+    uncaptured = None
+    if cfg.cuda_graph:
+        # The same steps uncaptured first (compiled, on the warm-up stream): the comparison in one process.
+        with torch.cuda.stream(side):
+            plain_times, _, plain_peak, _ = timed_steps(step, batches, cfg.steps, device)
+        torch.cuda.current_stream(device).wait_stream(side)
+        plain_s = statistics.median(plain_times)
+        uncaptured = {"s_per_step_median": plain_s, "tokens_per_s": batch * cfg.length / plain_s,
+                      "peak_allocated_gib": plain_peak}
+        progress(f"{time.strftime('%H:%M:%S')} batch {batch}: uncaptured {1e3 * plain_s:.1f} ms/step")
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        # The capture allocates every activation of a step once, in the graph's private pool; replays reuse those
+        # addresses and allocate nothing, so the step's peak is the one seen while capturing.
+        step = graphed(step, batches[0])
+    times, losses, peak, reserved = timed_steps(step, batches, cfg.steps, device, reset_peak=not cfg.cuda_graph)
     s_step = statistics.median(times)
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    reserved = torch.cuda.max_memory_reserved(device) / 2 ** 30
     step_flops = flops.train_step_flops(model.cfg, batch, cfg.length, gram=cfg.gram)
     util = flops.utilisation(step_flops["total"], s_step, torch.cuda.get_device_name(device))
     result = {
@@ -219,6 +277,8 @@ def bench_batch(cfg: BenchConfig, batch: int, device: torch.device, progress: Ca
         "warmup_s": warmup_s,
         "final_loss": float(torch.stack(losses).mean()),
     }
+    if uncaptured is not None:
+        result["uncaptured"] = uncaptured
     if batch in UPSTREAM:
         result["upstream"] = UPSTREAM[batch]
         result["speedup_vs_upstream"] = result["tokens_per_s"] / UPSTREAM[batch]["tokens_per_s"]
@@ -239,15 +299,12 @@ def environment() -> dict:
             versions[name] = __import__(name).__version__
         except Exception:
             versions[name] = None
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-        git = sha if not dirty.strip() else "uncommitted"
-    except (OSError, subprocess.CalledProcessError):
-        git = "uncommitted"
+    from launcher.run_tags import git_state
+
+    # The commit and whether tracked files differed from it: a run on a dirty tree still names its base commit.
+    sha, dirty = git_state(REPO)
     return {"device": torch.cuda.get_device_name(0), "device_count": torch.cuda.device_count(),
-            "versions": versions, "git_sha": git}
+            "versions": versions, "git_sha": sha, "git_dirty": dirty}
 
 
 def run(cfg: BenchConfig, out_dir: Path | None, progress: Callable[[str], None] = print) -> dict:

@@ -22,8 +22,16 @@ def compiled_modules(model: SSScanDNAHybridModel) -> list[nn.Module]:
     return [*layers, *bridges, model.proj_A, model.proj_B]
 
 
-def compile_model(model: SSScanDNAHybridModel, mode: str | None = None) -> SSScanDNAHybridModel:
-    """Compile the model's layers in place (``nn.Module.compile``) and return it. Call after ``.to(device)``."""
+def compile_model(model: SSScanDNAHybridModel, mode: str | None = None,
+                  activation_budget: float = 1.0) -> SSScanDNAHybridModel:
+    """Compile the model's layers in place (``nn.Module.compile``) and return it. Call after ``.to(device)``.
+
+    ``activation_budget`` < 1 lets the partitioner recompute cheap ops in the backward instead of saving their
+    outputs, keeping roughly that fraction of the saved activations (torch's ``activation_memory_budget``: it
+    chooses what to recompute by a runtime estimate): memory for time, inside the compiled layers only."""
+    if not 0.0 <= activation_budget <= 1.0:
+        raise ValueError(f"activation_budget must be in [0, 1], got {activation_budget}")
+    torch._functorch.config.activation_memory_budget = activation_budget
     if model.cfg.kernels != "reference" and next(model.parameters()).is_cuda:
         from crossdna.ops import fused
 
