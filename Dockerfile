@@ -49,7 +49,8 @@ RUN pip install \
         "tqdm>=4.66" \
         "safetensors>=0.4" \
         webdataset==1.0.2 \
-        pyfaidx==0.9.2.2
+        pyfaidx==0.9.2.2 \
+        isal==1.9.1
 
 # fla 0.6.0 computes wrong gated-chunk gradients on Hopper with Triton >= 3.4, < 3.7.1 (fla #640) and routes that
 # kernel to tilelang when it is installed; torch 2.11.0's triton 3.6.0 is in that range. crossdna.ops.fused and

@@ -8,11 +8,9 @@ per extraction task, one record per written shard. ``manifest.json`` is written 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable
 
 from tqdm import tqdm
 
@@ -25,6 +23,7 @@ from sharding.extract import (N_HIST_BINS, add_stats, empty_stats, init_extracto
 from sharding.fasta import Fasta
 from sharding.manifest import MANIFEST, dumps, load_manifest
 from sharding.regions import Plan, Task, make_plan, piece_range
+from sharding.workers import Workers
 from sharding.write import init_writer, shard_jobs, write_shard
 
 WORK = ".work"
@@ -109,39 +108,29 @@ def _prepare(cfg: ShardConfig, out: Path, overwrite: bool) -> bool:
     return False
 
 
-def _map(fn: Callable, jobs: list, workers: int, init: Callable, init_args: tuple) -> Iterable:
-    """Results of fn over jobs in completion order: in-process for one worker (or job), else a process pool
-    whose workers each get ``init(*init_args)`` once (the plan is sent once per worker, not once per job)."""
-    if workers <= 1 or len(jobs) <= 1:
-        init(*init_args)
-        yield from map(fn, jobs)
-        return
-    # forkserver, not fork: the caller may hold threads (torch, a loader) whose locks a fork would copy. The
-    # server imports the worker modules once; each pool's workers are then cheap forks of it.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["sharding.extract", "sharding.write"])
-    with ctx.Pool(min(workers, len(jobs)), initializer=init, initargs=init_args) as pool:
-        yield from pool.imap_unordered(fn, jobs)
-
-
 def extract_part(cfg: ShardConfig, out_dir: str | Path, part: int = 0, num_parts: int = 1,
                  workers: int | None = None, overwrite: bool = False, progress: bool = True) -> int:
     """Extract the windows of tasks ``t % num_parts == part`` into ``OUT/.work``; returns tasks run now."""
+    with Workers(workers or default_workers()) as pool:
+        return len(_extract(cfg, Path(out_dir), part, num_parts, pool, overwrite, progress))
+
+
+def _extract(cfg: ShardConfig, out: Path, part: int, num_parts: int, pool: Workers, overwrite: bool,
+             progress: bool) -> set[int]:
+    """The tasks extracted now (their spills are on disk, in this process's view, when it returns)."""
     if not 0 <= part < num_parts:
         raise ValueError(f"part: {part} is not in [0, {num_parts})")
-    out = Path(out_dir)
     if _prepare(cfg, out, overwrite):
-        return 0
+        return set()
     plan = make_plan(cfg, Fasta(cfg.fasta).lengths)
     work = out / WORK
     pending = [t for t in plan.tasks[part::num_parts] if not task_marker(work, t.index).exists()]
     total_bp = sum(_task_bp(plan, t, cfg) for t in pending)
     with tqdm(total=total_bp, unit="bp", unit_scale=True, desc=f"extract part {part}/{num_parts}",
               disable=not progress) as bar:
-        init_args = (plan.regions, cfg, work)
-        for marker in _map(run_task, pending, workers or default_workers(), init_extractor, init_args):
+        for marker in pool.map(run_task, pending, init_extractor, (plan.regions, cfg, work)):
             bar.update(marker["stats"]["total"]["bp_input"])
-    return len(pending)
+    return {t.index for t in pending}
 
 
 def _task_bp(plan: Plan, task: Task, cfg: ShardConfig) -> int:
@@ -173,7 +162,12 @@ def _summarise(plan: Plan, markers: list[dict], samples: dict[str, int]) -> dict
 
 def merge(out_dir: str | Path, workers: int | None = None, progress: bool = True) -> Path:
     """Permute the extracted windows of every split and write all shards + ``manifest.json``."""
-    out = Path(out_dir)
+    with Workers(workers or default_workers()) as pool:
+        return _merge(Path(out_dir), pool, progress, extracted=set())
+
+
+def _merge(out: Path, pool: Workers, progress: bool, extracted: set[int]) -> Path:
+    """``extracted``: tasks whose spills this process wrote (no crash since: their CRC-32 check is skipped)."""
     work, manifest_file = out / WORK, out / MANIFEST
     if manifest_file.exists() and not (work / BUILD).exists():
         return manifest_file
@@ -211,11 +205,15 @@ def merge(out_dir: str | Path, workers: int | None = None, progress: bool = True
     for split in sources:
         (out / split).mkdir(exist_ok=True)
     records = {}
-    init_args = (out, work, plan.regions, cfg.window_length)
+    # Markers from before the spills went unsynced (sharder 1.0.0 without "crc32") need no check.
+    crc32 = {(m["task"], split): tuple(c) for m in markers if m["task"] not in extracted
+             for split, c in m.get("crc32", {}).items()}
+    init_args = (out, work, plan.regions, cfg.window_length, crc32)
     with tqdm(total=len(jobs), unit="shard", desc="write shards", disable=not progress) as bar:
-        for record in _map(write_shard, jobs, workers or default_workers(), init_writer, init_args):
+        for record in pool.map(write_shard, jobs, init_writer, init_args):
             records[record["path"]] = record
             bar.update(1)
+    pool.finish()
     identity = info["identity"]
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -238,5 +236,6 @@ def merge(out_dir: str | Path, workers: int | None = None, progress: bool = True
 def build_shards(cfg: ShardConfig, out_dir: str | Path, workers: int | None = None, overwrite: bool = False,
                  progress: bool = True) -> Path:
     """Shard ``cfg.fasta`` into ``out_dir`` on this machine; returns the manifest path. Resumes a killed run."""
-    extract_part(cfg, out_dir, 0, 1, workers=workers, overwrite=overwrite, progress=progress)
-    return merge(out_dir, workers=workers, progress=progress)
+    with Workers(workers or default_workers()) as pool:  # one pool for both phases
+        extracted = _extract(cfg, Path(out_dir), 0, 1, pool, overwrite, progress)
+        return _merge(Path(out_dir), pool, progress, extracted)

@@ -69,6 +69,33 @@ def test_plain_fasta_index_built_and_reads_match(plain_fasta, records):
         assert fa.read(name, len(seq) - 5, len(seq)).tobytes().decode() == seq[-5:]
 
 
+@pytest.mark.parametrize("which", ["bgzf", "plain_crlf"])
+def test_translating_read_equals_the_raw_read_mapped(which, plain_fasta, records):
+    """``read(table=...)`` maps each letter and drops the newlines in one pass per chunk (a BGZF block or 64 kB
+    of a plain file): the same bytes as the raw read mapped afterwards, across chunk and line boundaries."""
+    fa = Fasta(FASTA_GZ if which == "bgzf" else plain_fasta)
+    table = bytes(reversed(range(256)))  # any byte map: here 255 - byte
+    rng = np.random.default_rng(1)
+    for name, seq in records.items():
+        for start, end in [(0, len(seq)), (len(seq) - 1, len(seq)), *rng.integers(0, len(seq), (20, 2))]:
+            start, end = int(min(start, end)), int(max(start, end)) + (start == end)
+            end = min(end, len(seq))
+            assert np.array_equal(fa.read(name, start, end, table), 255 - fa.read(name, start, end))
+
+
+def test_a_newline_inside_a_line_is_a_stale_index(tmp_path, records):
+    path = tmp_path / "t.fa"
+    seq = records[CONTIG][:10_000]
+    path.write_text(">t\n" + "\n".join(seq[i:i + 60] for i in range(0, len(seq), 60)) + "\n")
+    Fasta(path)  # index built for this geometry
+    data = bytearray(path.read_bytes())
+    data[3 + 61 * 50 + 30] = ord("\n")  # the same size, a terminator in the middle of line 51
+    path.write_bytes(bytes(data))
+    assert Fasta(path).read("t", 0, 3000).tobytes().decode() == seq[:3000]  # before it: fine
+    with pytest.raises(ValueError, match=r"does not match t\.fa at t:0-4000 .*stale index"):
+        Fasta(path).read("t", 0, 4000)
+
+
 def test_bgzf_indices_rebuilt_byte_identical_to_bgzip(tmp_path):
     """The fixture's .gzi was written by `bgzip -i`; the chr20 test below checks the .fai against samtools'."""
     copy = tmp_path / FASTA_GZ.name
