@@ -19,7 +19,8 @@
 #   faithful     eager with fp32 Comba (the upstream numerics)
 #   faithful-compiled  fp32 Comba with torch.compile
 #   pretrain     shard the full chr20 and pretrain configs/pretrain/8m-chr20-1gpu.yaml into /tmp/run-8m; the
-#                loss/throughput/GPU plots, the trainer state and the weights (in <16 MiB parts) come back
+#                loss/throughput/GPU plots, the step log and the trainer state come back (8 files: the limit);
+#                the weights stay on the machine for `finetune` in the next call
 #   finetune     GUE tf0-4, 3 seeds, from the pretrained weights and from scratch: ten processes on the one GPU
 #                (each is launch-bound at 101 bp), then benchmarks/compare_finetune.py (data in runs/devdata/gue);
 #                FT_INIT=... finetunes another pretrained source (e.g. a checkpoint directory of the run)
@@ -63,10 +64,9 @@ for stage in "$@"; do
               timeout 570 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=$RUN > "$OUT/pretrain.log" 2>&1
               echo "pretrain exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG"
               grep -E "step +(200|400|600|800|1000)/|eval|wrote|exit" "$OUT/pretrain.log" | grep -v TileLang | tail -20 | tee -a "$LOG"
-              run_id=$(python3 -c "import json,glob; print(json.load(open(sorted(glob.glob('$RUN/checkpoints/*/trainer.json'))[-1]))['tracking_run_id'])")
+              run_id=$(python3 -c "import json; print(json.load(open('$RUN/checkpoints/$(cat $RUN/checkpoints/latest)/trainer.json'))['tracking_run_id'])")
               python3 -m crossdna.cli report "$run_id" --run-dir $RUN --out "$OUT/report" 2>&1 | tail -3 | tee -a "$LOG"
-              cp $RUN/checkpoints/*/trainer.json $RUN/train_log.jsonl "$OUT/" 2>/dev/null
-              split -b 15M $RUN/model.safetensors "$OUT/weights.part-" ;;
+              cp "$RUN/checkpoints/$(cat $RUN/checkpoints/latest)/trainer.json" $RUN/train_log.jsonl "$OUT/" ;;
     finetune) mkdir -p /tmp/ft
               for init in pretrained scratch; do
                 src=$([ $init = pretrained ] && echo "${FT_INIT:-$RUN/model.safetensors}" || echo scratch)
