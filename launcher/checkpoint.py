@@ -20,6 +20,7 @@ allow-list of DeepSpeed's enum/dataclass types (launcher/parallelize.py).
 """
 from __future__ import annotations
 
+import enum
 import io
 import json
 import os
@@ -61,10 +62,22 @@ _DCP_ALLOWED_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"
                         ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}
 
 
+def enum_member(cls: Any, name: str) -> enum.Enum:
+    """Stands in for ``getattr`` when unpickling: Python 3.11.0-3.11.4 pickle an Enum member as
+    ``getattr(EnumClass, "NAME")`` (DCP's item types, DeepSpeed's ZeroStageEnum), later releases as
+    ``EnumClass(value)``. Only members of an Enum class the unpickler already allowed resolve; a real ``getattr``
+    would let a checkpoint reach any attribute of an allowed object."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"refusing getattr({cls!r}, {name!r}) in a checkpoint: only Enum members resolve")
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's ``.metadata`` is a pickle of its own dataclasses: allow exactly those, dtypes and layouts."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "__builtin__") and name == "getattr":
+            return enum_member
         if module.startswith(_DCP_ALLOWED_MODULES) or (module, name) in _DCP_ALLOWED_GLOBALS:
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from launcher import deepspeed_config
-from launcher.checkpoint import CheckpointError
+from launcher.checkpoint import CheckpointError, enum_member
 from launcher.distributed import DistEnv
 from launcher.optim import OptimConfig, build_optimizer, set_lr
 from launcher.parallelize import Engine
@@ -56,7 +56,9 @@ def _skip_cpu_shm_build() -> None:
 @contextlib.contextmanager
 def weights_only_loads():
     """Every ``torch.load`` inside (DeepSpeed's engine, zero_to_fp32, ...) runs with ``weights_only=True`` even
-    where DeepSpeed passes False, with DeepSpeed's three checkpoint classes allow-listed: no arbitrary unpickling.
+    where DeepSpeed passes False, with DeepSpeed's three checkpoint classes allow-listed (and ``getattr`` only as
+    :func:`~launcher.checkpoint.enum_member`, for Enum members as Python 3.11.0-3.11.4 pickle them): no arbitrary
+    unpickling.
     """
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -65,7 +67,8 @@ def weights_only_loads():
     previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
     os.environ[_FORCE_WEIGHTS_ONLY] = "1"
     try:
-        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address,
+                                               (enum_member, "builtins.getattr")]):
             yield
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"DeepSpeed checkpoint refused by the weights-only loader: "

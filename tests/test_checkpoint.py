@@ -140,6 +140,47 @@ def test_dcp_metadata_refuses_foreign_globals(env, tmp_path):
         SafeFileSystemReader(str(tmp_path)).read_metadata()
 
 
+class _ByName:
+    """Pickles as ``getattr(target, name)``: how Python 3.11.0-3.11.4 pickle an Enum member."""
+
+    def __init__(self, target, name: str):
+        self.target, self.name = target, name
+
+    def __reduce__(self):
+        return getattr, (self.target, self.name)
+
+
+def test_enum_members_pickled_by_name_load_and_nothing_else_does():
+    import io
+
+    from torch.distributed.checkpoint.planner import LoadItemType
+
+    from launcher.checkpoint import _MetadataUnpickler
+
+    def load(obj):
+        return _MetadataUnpickler(io.BytesIO(pickle.dumps(obj, protocol=2))).load()
+
+    assert load([_ByName(LoadItemType, "TENSOR")]) == [LoadItemType.TENSOR]
+    with pytest.raises(pickle.UnpicklingError, match="only Enum members"):
+        load(_ByName(torch.Size, "__new__"))
+
+
+def test_deepspeed_weights_only_loads_accept_enum_members_pickled_by_name(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from launcher.zero import weights_only_loads
+
+    for obj, expect in ((_ByName(ZeroStageEnum, "gradients"), ZeroStageEnum.gradients),
+                        (_ByName(ZeroStageEnum, "__class__"), None)):
+        torch.save({"zero_stage": obj}, tmp_path / "state.pt")
+        with weights_only_loads():
+            if expect is None:
+                with pytest.raises(pickle.UnpicklingError, match="only Enum members"):
+                    torch.load(tmp_path / "state.pt", weights_only=False)
+            else:
+                assert torch.load(tmp_path / "state.pt", weights_only=False) == {"zero_stage": expect}
+
+
 def test_strategy_family_mismatch_is_refused(env, tmp_path):
     engine = make_engine(env)
     manager = CheckpointManager(tmp_path / "ckpt", env)
