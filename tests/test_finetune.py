@@ -88,6 +88,47 @@ def test_frozen_backbone_trains_only_the_head(gue_cfg):
     assert all(torch.equal(before[k], v) for k, v in backbone.named_parameters())
 
 
+def test_full_finetune_learns_real_tf_binding_rows():
+    """The whole path (reader, encoding, pooling, head, AdamW over backbone and head, schedule, eval) learns: on the
+    200 real GUE tf/0 fixture rows a one-layer model beats chance on dev (a 3-mer logistic regression reaches dev
+    AUROC 0.82 with 4k rows) and every backbone weight that feeds the representation moves."""
+    task = TaskConfig(name="tf0", train="gue_tf0/train.csv", val="gue_tf0/dev.csv", test="gue_tf0/test.csv",
+                      metric="auroc", max_length=101, batch_size=16, lr=2e-3, epochs=4)
+    cfg = BenchmarkConfig(name="gue-tiny", data_root=str(FIXTURES), tasks=[task],
+                          train=TrainConfig(evals_per_epoch=1, eval_batch_size=200, model_overrides=TINY))
+    splits = load_splits(cfg, task)
+    assert np.bincount(splits.train.labels).min() >= 80  # both classes present in bulk
+    torch.manual_seed(0)
+    backbone, _ = load_backbone("scratch", "tiny", TINY)
+    before = {k: v.detach().clone() for k, v in backbone.named_parameters()}
+    history = []
+    result = finetune(task, cfg.train, splits, backbone, backbone.cfg.d_model, seed=0, progress=False,
+                      log=lambda step, m: history.append(m) if "train/loss" in m else None)
+    assert history[-1]["train/loss"] < 0.66 < history[0]["train/loss"]
+    assert result.val["auroc"] > 0.62 and result.test["auroc"] > 0.62
+    unused = {"out_linear.weight", "out_linear.bias"}  # the MLM head is not part of the representation
+    frozen = [k for k, v in backbone.named_parameters() if k not in unused and torch.equal(v, before[k])]
+    assert frozen == []
+
+
+def test_gate_warm_up_continues_the_backbone_step(gue_cfg):
+    """Upstream finetuning inherits the pretraining g_step (spec §4.4), so a pretrained fusion gate is live from the
+    first batch. Counting finetuning steps from 1 again would freeze it at 0.5 for gate_freeze_steps more steps (no
+    gradient into gate_fuse) while evaluation uses the live gate."""
+    task = gue_cfg.tasks[0]
+    splits = load_splits(gue_cfg, task)
+    overrides = [o for o in TINY if not o.startswith("gate_freeze_steps=")] + ["gate_freeze_steps=10"]
+    torch.manual_seed(0)
+    backbone, _ = load_backbone("scratch", "tiny", overrides)
+    backbone.set_step(100)  # as loaded from a checkpoint past its warm-up
+    gate_before = backbone.gate_fuse.weight.detach().clone()
+    train = TrainConfig(evals_per_epoch=1, eval_batch_size=64, max_steps=2, model_overrides=overrides)
+    result = finetune(task, train, splits, backbone, backbone.cfg.d_model, seed=0, progress=False)
+    assert backbone.step == 100 + result.best_step  # the selected weights carry their g_step
+    assert not backbone.train().gate_frozen()
+    assert not torch.equal(backbone.gate_fuse.weight, gate_before)  # the gate trained
+
+
 def test_initialise_from_consolidated_weights_and_selection_never_reads_test(gue_cfg, tmp_path):
     torch.manual_seed(3)
     pretrained, _ = load_backbone("scratch", "tiny", TINY[:4] + ["use_ema_teacher=true"] + TINY[5:])

@@ -122,6 +122,9 @@ def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backb
         optimizer, warmup_cosine(total, train_cfg.warmup_fraction, train_cfg.min_lr_ratio))
     generator = torch.Generator().manual_seed(seed)
     set_step = getattr(backbone, "set_step", None)
+    # The gate warm-up continues from the backbone's own step, as upstream finetuning inherits the pretraining g_step
+    # (spec §4.4): a pretrained gate stays live whatever gate_freeze_steps says; a scratch backbone starts at 0.
+    first_step = int(getattr(backbone, "step", 0))
 
     def evaluate(split: EncodedSplit) -> dict[str, float]:
         out = predict(model, split, train_cfg.eval_batch_size, longest, device, autocast)
@@ -152,8 +155,8 @@ def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backb
             optimizer.step()
             schedule.step()
             step += 1
-            if set_step is not None:  # the gate warm-up counts finetuning optimizer steps (spec §2.8)
-                set_step(step)
+            if set_step is not None:  # the gate warm-up counts optimizer steps (spec §2.8)
+                set_step(first_step + step)
             loss_sum += loss.detach()
             loss_count += 1
             bar.update()
