@@ -10,20 +10,25 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+
 _CHUNK = 1 << 22
 TMP_SUFFIX = ".tmp-"  # temp name: ".{name}.tmp-{pid}" beside the target
 
 
-def write_atomic(path: str | Path, data: bytes | memoryview) -> None:
+def write_atomic(path: str | Path, data: bytes | memoryview | np.ndarray, durable: bool = True) -> None:
+    """``durable=False`` skips the fsync: still never torn (rename), but possibly lost in a crash, for work files
+    whose content is checked against a checksum before it is trusted."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}{os.getpid()}")
-    view = memoryview(data)
+    view = memoryview(data).cast("B")
     try:
         with open(tmp, "wb") as f:
             for offset in range(0, len(view), _CHUNK):
                 f.write(view[offset:offset + _CHUNK])
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)

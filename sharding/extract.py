@@ -10,14 +10,13 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from isal import isal_zlib
 
 from crossdna import tokens
-from crossdna.fileio import TMP_SUFFIX, write_atomic
+from crossdna.fileio import write_atomic
 from sharding import writeback
 from sharding.config import ShardConfig
 from sharding.fasta import Fasta
@@ -200,21 +199,11 @@ def run_task(task: Task) -> dict:
 
 
 def write_replace(path: Path, data: bytes | np.ndarray) -> None:
-    """Temp file + rename, like ``write_atomic`` but without its fsync, for work files whose content is checked
-    before it is trusted: the spills against the CRC-32s in their (fsynced) marker, a shard's record against
-    the shard's own sha256. Spills live seconds on one machine: deleted before the kernel writes them back,
-    they cost no disk time at all (and deleting them stays cheap; fsynced, their blocks took ~30 ms to free)."""
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, f"{path}: {e.strerror or e}") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``write_atomic`` without its fsync, for work files whose content is checked before it is trusted: the
+    spills against the CRC-32s in their (fsynced) marker, a shard's record against the shard's own sha256. Spills
+    live seconds on one machine: deleted before the kernel writes them back, they cost no disk time at all (and
+    deleting them stays cheap; fsynced, their blocks took ~30 ms to free)."""
+    write_atomic(path, data, durable=False)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

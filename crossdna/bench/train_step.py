@@ -8,7 +8,6 @@ are bracketed by CUDA events and synchronised once at the end, so host and devic
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import platform
@@ -229,13 +228,15 @@ def bench_batch(cfg: BenchConfig, batch: int, device: torch.device, progress: Ca
                for b in real_batches(cfg.fasta, batch, cfg.length, 4, cfg.seed)]
     torch.cuda.synchronize()
     start = time.perf_counter()
-    # Warm-up on a side stream: what the capture needs (lazily created handles, workspaces) then exists for it.
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side) if cfg.cuda_graph else contextlib.nullcontext():
+    # Before a capture, warm up on a side stream: what the capture needs (lazily created handles, workspaces)
+    # then exists for it.
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device) if cfg.cuda_graph else main
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
         for i in range(cfg.warmup):
             loss = step(batches[i % len(batches)])
-    torch.cuda.current_stream(device).wait_stream(side)
+    main.wait_stream(side)
     torch.cuda.synchronize()
     warmup_s = time.perf_counter() - start
     progress(f"{time.strftime('%H:%M:%S')} batch {batch}: warm-up {cfg.warmup} steps in {warmup_s:.1f} s, "
@@ -246,7 +247,7 @@ def bench_batch(cfg: BenchConfig, batch: int, device: torch.device, progress: Ca
         # The same steps uncaptured first (compiled, on the warm-up stream): the comparison in one process.
         with torch.cuda.stream(side):
             plain_times, _, plain_peak, _ = timed_steps(step, batches, cfg.steps, device)
-        torch.cuda.current_stream(device).wait_stream(side)
+        main.wait_stream(side)
         plain_s = statistics.median(plain_times)
         uncaptured = {"s_per_step_median": plain_s, "tokens_per_s": batch * cfg.length / plain_s,
                       "peak_allocated_gib": plain_peak}
