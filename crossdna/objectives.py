@@ -49,7 +49,7 @@ class LossTerms:
     sem: torch.Tensor     # semantic-preservation loss SP_A + SP_B, reduced over blocks (unweighted)
     gate: torch.Tensor    # gate-supervision BCE, reduced over blocks (unweighted; 0 while inactive)
     acc: torch.Tensor     # top-1 of the fused logits on masked positions (detached)
-    acc_a: torch.Tensor   # top-1 of branch A alone (RC segments scored against complemented labels)
+    acc_a: torch.Tensor   # top-1 of out_linear(fa) alone against the forward labels, wherever A read
     acc_b: torch.Tensor
     w_sem: float
     w_gate: float
@@ -141,11 +141,11 @@ def _reduce_blocks(per_block: list[torch.Tensor], cfg: ObjectiveConfig) -> torch
 
 
 @torch.no_grad()
-def branch_accuracy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                    is_rc: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
-    """Top-1 on masked positions; where the branch read the RC strand its label is the complemented base."""
-    target = torch.where(is_rc, complement[labels], labels)
-    return _masked_mean((logits.argmax(-1) == target).float(), loss_mask)
+def top1(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Top-1 on masked positions. For the branch logits too the label is the forward base: the branch that read
+    the RC strand is flipped back to forward coordinates and shares the head trained on forward labels (upstream
+    scored it against complemented labels, which measures how often it predicts the complement: defect 6)."""
+    return _masked_mean((logits.argmax(-1) == labels).float(), loss_mask)
 
 
 def pretrain_loss(out: PretrainOutput, labels: torch.Tensor, loss_mask: torch.Tensor, step: int,
@@ -180,9 +180,6 @@ def pretrain_loss(out: PretrainOutput, labels: torch.Tensor, loss_mask: torch.Te
 
     total = ce + w_sem * sem + w_gate * gate
     with torch.no_grad():
-        acc = _masked_mean((out.logits.argmax(-1) == labels).float(), loss_mask)
-        a_rc = out.a_is_rc.expand_as(labels)
-        acc_a = branch_accuracy(out.logits_a, labels, loss_mask, a_rc, out.complement)
-        acc_b = branch_accuracy(out.logits_b, labels, loss_mask, ~a_rc, out.complement)
+        acc, acc_a, acc_b = (top1(x, labels, loss_mask) for x in (out.logits, out.logits_a, out.logits_b))
     return LossTerms(total=total, ce=ce, sem=sem, gate=gate, acc=acc, acc_a=acc_a, acc_b=acc_b,
                      w_sem=w_sem, w_gate=w_gate)

@@ -11,11 +11,9 @@ from crossdna.objectives import (ObjectiveConfig, gate_weight, gram_exact, gram_
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
-CORRECT = torch.tensor([3, 2, 1, 0, 4])
-
 
 def _output(B=1, L=4, d=2, block=4, fa=None, fb=None, ta=None, tb=None, gate_logits=None, logits=None,
-            logits_a=None, logits_b=None, freeze=5000, temp=2.0, complement=CORRECT) -> PretrainOutput:
+            logits_a=None, logits_b=None, freeze=5000, temp=2.0) -> PretrainOutput:
     zeros = torch.zeros(B, L, d)
     return PretrainOutput(
         logits=torch.zeros(B, L, 5) if logits is None else logits,
@@ -24,7 +22,7 @@ def _output(B=1, L=4, d=2, block=4, fa=None, fb=None, ta=None, tb=None, gate_log
         target_a=zeros if ta is None else ta, target_b=zeros if tb is None else tb,
         logits_a=torch.zeros(B, L, 5) if logits_a is None else logits_a,
         logits_b=torch.zeros(B, L, 5) if logits_b is None else logits_b,
-        a_is_rc=(torch.arange(L) // block % 2).bool(), complement=complement, block_size=block,
+        a_is_rc=(torch.arange(L) // block % 2).bool(), block_size=block,
         gate_freeze_steps=freeze, gate_temp=temp, gate_frozen=gate_logits is None)
 
 
@@ -113,20 +111,16 @@ def test_gate_supervision_targets_the_forward_strand_per_block():
         pretrain_loss(_output(L=4, block=2, freeze=100), labels, mask, 100, ObjectiveConfig())
 
 
-def test_branch_accuracy_scores_rc_segments_against_complemented_labels():
+def test_branch_accuracies_score_both_strands_against_forward_labels():
+    # The branch that read the RC strand is flipped back to forward coordinates and shares the forward-label head,
+    # so its logits predict the forward base (measured on a trained model: 0.35 vs forward, 0.24 vs complement).
     labels = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
     mask = torch.ones_like(labels, dtype=torch.bool)
-    comp = CORRECT[labels]
+    complement = torch.tensor([3, 2, 1, 0, 4])[labels]
     a_is_rc = (torch.arange(8) // 4 % 2).bool()   # block 0 forward for A, block 1 RC for A
-    pred_a = torch.where(a_is_rc, comp, labels)
-    pred_b = torch.where(~a_is_rc, comp, labels)
-    out = _output(L=8, block=4, logits=F.one_hot(labels, 5).float() * 5, logits_a=F.one_hot(pred_a, 5).float(),
-                  logits_b=F.one_hot(pred_b, 5).float())
+    out = _output(L=8, block=4, logits=F.one_hot(labels, 5).float() * 5, logits_a=F.one_hot(labels, 5).float(),
+                  logits_b=F.one_hot(torch.where(a_is_rc, labels, complement), 5).float())
     terms = pretrain_loss(out, labels, mask, 0)
-    assert terms.acc.item() == terms.acc_a.item() == terms.acc_b.item() == 1.0
-    # Upstream's permutation [3,0,2,1,4] (defect 6) maps only A right: 1 of 4 RC positions, 5 of 8 overall.
-    wrong = _output(L=8, block=4, logits_a=F.one_hot(pred_a, 5).float(), logits_b=F.one_hot(pred_b, 5).float(),
-                    complement=torch.tensor([3, 0, 2, 1, 4]))
-    wrong_terms = pretrain_loss(wrong, labels, mask, 0)
-    assert wrong_terms.acc_a.item() == pytest.approx(0.625) and wrong_terms.acc_b.item() == pytest.approx(0.625)
+    assert terms.acc.item() == terms.acc_a.item() == 1.0
+    assert terms.acc_b.item() == pytest.approx(0.5)   # B predicted the complement where it read the RC strand
     assert not terms.acc_a.requires_grad

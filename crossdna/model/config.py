@@ -74,8 +74,9 @@ class CompatConfig:
     # Defect 1: for L > block_size upstream pairs forward block t with rc_feat[:, s:e], the RC of the mirror block
     # K−1−t, so the strands of a block do not line up. "aligned" uses rc_feat[:, L−e:L−s] (the same bases).
     rc_alignment: Literal["aligned", "upstream"] = "aligned"
-    # Defect 6: upstream builds P_comp (and its RC accuracies) from the permutation [3,0,2,1,4]; the complement is
-    # [3,2,1,0,4]. Only the buffer's content and the per-branch metrics change; the key stays for loading.
+    # Defect 6: upstream builds P_comp from the permutation [3,0,2,1,4]; the complement is [3,2,1,0,4]. Only the
+    # buffer's content changes (nothing reads it; the key stays for loading). Upstream also scored the per-branch
+    # accuracies on RC segments against P_comp-complemented labels; those are always forward labels here.
     complement_permutation: Literal["correct", "upstream"] = "correct"
     # Defect 8: upstream's g_step counts training forwards (micro-batches, per rank). "optimizer" only moves when
     # the trainer calls model.set_step(step) after an optimizer step.

@@ -41,7 +41,6 @@ class PretrainOutput:
     logits_a: torch.Tensor               # [B,L,5] out_linear(fa), computed under no_grad (metrics only)
     logits_b: torch.Tensor
     a_is_rc: torch.Tensor                # [L] bool: branch A read the reverse complement here (odd blocks)
-    complement: torch.Tensor             # [5] long: label permutation for RC segments (defect 6 switch)
     block_size: int
     gate_freeze_steps: int
     gate_temp: float
@@ -114,7 +113,6 @@ class SSScanDNAHybridModel(nn.Module):
         self.out_linear = nn.Linear(d, NUM_BASES)
         self.dropout = nn.Dropout(cfg.dropout)
         self.register_buffer("P_comp", torch.zeros(NUM_BASES, NUM_BASES))
-        self.register_buffer("label_complement", torch.zeros(NUM_BASES, dtype=torch.long), persistent=False)
         self.register_buffer("id_complement", torch.zeros(cfg.alphabet_size, dtype=torch.long), persistent=False)
         # Host mirrors of g_step: the forward reads these, never the buffer (no device sync). The forward only
         # depends on the bool, so torch.compile guards on one flip instead of recompiling for every step value.
@@ -212,7 +210,6 @@ class SSScanDNAHybridModel(nn.Module):
     def _fill_complements(self) -> None:
         perm = COMPLEMENT_PERMUTATION if self.cfg.compat.complement_permutation == "correct" else UPSTREAM_COMPLEMENT_PERMUTATION
         perm_t = torch.tensor(perm, dtype=torch.long)
-        self.label_complement.copy_(perm_t)
         self.P_comp.copy_(F.one_hot(perm_t, NUM_BASES).to(self.P_comp.dtype))
         self.id_complement.copy_(complement_table(self.cfg.alphabet_size))
 
@@ -370,7 +367,6 @@ class SSScanDNAHybridModel(nn.Module):
             logits_a=logits_a,
             logits_b=logits_b,
             a_is_rc=a_is_rc,
-            complement=self.label_complement,
             block_size=cfg.block_size,
             gate_freeze_steps=cfg.gate_freeze_steps,
             gate_temp=cfg.gate_temp,
