@@ -19,11 +19,11 @@
 #   faithful     eager with fp32 Comba (the upstream numerics)
 #   faithful-compiled  fp32 Comba with torch.compile
 #   pretrain     shard the full chr20 and pretrain configs/pretrain/8m-chr20-1gpu.yaml into /tmp/run-8m; the
-#                loss/throughput/GPU plots, the step log and the trainer state come back (8 files: the limit);
-#                the weights stay on the machine for `finetune` in the next call
-#   finetune     GUE tf0-4, 3 seeds, from the pretrained weights and from scratch: ten processes on the one GPU
-#                (each is launch-bound at 101 bp), then benchmarks/compare_finetune.py (data in runs/devdata/gue);
-#                FT_INIT=... finetunes another pretrained source (e.g. a checkpoint directory of the run)
+#                loss/throughput/GPU plots, the step log, the trainer state and the log come back in pretrain.tgz,
+#                the weights in 15 MiB parts (cat them; the sha256 is in session.log) and stay on the machine
+#   finetune     GUE tf0-4, 3 seeds of FT_STEPS (250) steps, from the pretrained weights and from scratch: ten
+#                processes on the one GPU (each is launch-bound at 101 bp), then benchmarks/compare_finetune.py
+#                (data in runs/devdata/gue); FT_INIT=... finetunes another pretrained source
 #   save-cache   the autotune results and tilelang kernels to $OUT/autotune_cache.tgz, for the next session
 # Everything written under $OUT (logs, JSON, plots) comes back; the chr20 FASTA is expected in .gpu/chr20/.
 # With the `run` tool: call 1 carries .gpu/core .gpu/tla .gpu/cache and runs `install-a`; the next call, within
@@ -61,17 +61,19 @@ for stage in "$@"; do
     budget) bench 200 --batch 150 --comba-precision autocast --compile --activation-budget 0.5 --warmup 3 --steps 10 2>&1 | grep -v TileLang | tail -4 | tee -a "$LOG" ;;
     pretrain) timeout 60 python3 -m crossdna.cli shard build --config configs/shard/chr20.yaml --out /tmp/chr20-shards --quiet fasta="$CROSSDNA_CHR20_FASTA" 2>&1 | tail -2 | tee -a "$LOG"
               start=$(date +%s)
-              timeout 570 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=$RUN > "$OUT/pretrain.log" 2>&1
+              timeout 540 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=$RUN > "$OUT/pretrain.log" 2>&1
               echo "pretrain exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG"
               grep -E "step +(200|400|600|800|1000)/|eval|wrote|exit" "$OUT/pretrain.log" | grep -v TileLang | tail -20 | tee -a "$LOG"
               run_id=$(python3 -c "import json; print(json.load(open('$RUN/checkpoints/$(cat $RUN/checkpoints/latest)/trainer.json'))['tracking_run_id'])")
-              python3 -m crossdna.cli report "$run_id" --run-dir $RUN --out "$OUT/report" 2>&1 | tail -3 | tee -a "$LOG"
-              cp "$RUN/checkpoints/$(cat $RUN/checkpoints/latest)/trainer.json" $RUN/train_log.jsonl "$OUT/" ;;
+              python3 -m crossdna.cli report "$run_id" --run-dir $RUN --out /tmp/report 2>&1 | tail -3 | tee -a "$LOG"
+              cp "$RUN/checkpoints/$(cat $RUN/checkpoints/latest)/trainer.json" $RUN/train_log.jsonl "$OUT/pretrain.log" /tmp/report/
+              tar czf "$OUT/pretrain.tgz" -C /tmp report && rm "$OUT/pretrain.log"
+              split -b 15m -d "$RUN/model.safetensors" "$OUT/model.safetensors.part-" && sha256sum "$RUN/model.safetensors" | tee -a "$LOG" ;;
     finetune) mkdir -p /tmp/ft
               for init in pretrained scratch; do
                 src=$([ $init = pretrained ] && echo "${FT_INIT:-$RUN/model.safetensors}" || echo scratch)
                 for t in 0 1 2 3 4; do
-                  timeout 560 python3 -m crossdna.cli benchmark --suite gue-tf --tasks tf$t --init "$src" --out /tmp/ft/$init-tf$t --quiet --no-tracking data_root=runs/devdata train.device=cuda > /tmp/ft/$init-tf$t.log 2>&1 &
+                  timeout 560 python3 -m crossdna.cli benchmark --suite gue-tf --tasks tf$t --init "$src" --out /tmp/ft/$init-tf$t --quiet --no-tracking data_root=runs/devdata train.device=cuda train.max_steps=${FT_STEPS:-250} > /tmp/ft/$init-tf$t.log 2>&1 &
                 done
               done
               wait
