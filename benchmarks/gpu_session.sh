@@ -8,6 +8,7 @@
 #   install-b    z3-solver (.gpu/tlb), which tilelang needs (split off: the carry limit is 64 MiB per call)
 #   install-mlflow  mlflow-skinny and its deps (.gpu/mlflow)
 #   tests        pytest -m gpu tests/test_ops_fused.py tests/test_model_gpu.py
+#   tests-graphs the captured steps: finetuning (tests/test_finetune_gpu.py) and the pretraining benchmark's
 #   tests-rerun  the slower of those only: full model vs float64, bf16 vs fp32 training, CUDA graph, host syncs
 #   telemetry    pytest -m gpu tests/test_telemetry_gpu.py (needs install-mlflow)
 #   overhead     benchmarks/logging_overhead.py on the GPU (needs install-mlflow; data in runs/devdata/gb)
@@ -21,8 +22,8 @@
 #   pretrain     shard the full chr20 and pretrain configs/pretrain/8m-chr20-1gpu.yaml into /tmp/run-8m; the
 #                loss/throughput/GPU plots, the step log, the trainer state and the log come back in pretrain.tgz,
 #                the weights in 15 MiB parts (cat them; the sha256 is in session.log) and stay on the machine
-#   finetune     GUE tf0-4, 3 seeds of FT_STEPS (250) steps, from the pretrained weights and from scratch: ten
-#                processes on the one GPU (each is launch-bound at 101 bp), then benchmarks/compare_finetune.py
+#   finetune     GUE tf0-4, 3 seeds of FT_STEPS (200) steps in bf16, from the pretrained weights and from scratch:
+#                five processes at a time on the one GPU (captured steps), then benchmarks/compare_finetune.py
 #                (data in runs/devdata/gue); FT_INIT=... finetunes another pretrained source
 #   save-cache   the autotune results and tilelang kernels to $OUT/autotune_cache.tgz, for the next session
 # Everything written under $OUT (logs, JSON, plots) comes back; the chr20 FASTA is expected in .gpu/chr20/.
@@ -51,6 +52,7 @@ for stage in "$@"; do
                python3 -c "import torch, triton, fla, tilelang; from crossdna.ops import fused; print(torch.__version__, triton.__version__, fla.__version__, tilelang.__version__, torch.cuda.get_device_name(0), 'fused unavailable:', repr(fused.UNAVAILABLE))" 2>&1 | tail -3 | tee -a "$LOG" ;;
     install-mlflow) pip_install .gpu/mlflow/*.whl 2>&1 | tail -3 | tee -a "$LOG" ;;
     tests) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -v -rs --tb=line -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -60 | tee -a "$LOG" ;;
+    tests-graphs) timeout 400 python3 -m pytest tests/test_finetune_gpu.py tests/test_ops_fused.py -m gpu -k "graph" -v -rA --tb=short -p no:logging --timeout 350 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -30 | tee -a "$LOG" ;;
     tests-rerun) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -k "model_fp32 or bf16_training or cuda_graph or host_sync or agree" -v -rA --tb=short -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed|fp32 |bf16 " | tail -40 | tee -a "$LOG" ;;
     telemetry) timeout 200 python3 -m pytest tests/test_telemetry_gpu.py -m gpu -v -rs --tb=short -p no:logging --timeout 150 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -30 | tee -a "$LOG" ;;
     overhead) timeout 240 python3 benchmarks/logging_overhead.py --device cuda --data runs/devdata/gb/regulatory_ensembl_train_subsample.tsv --out "$OUT/logging_overhead_h100.json" 2>&1 | tail -8 | tee -a "$LOG" ;;
@@ -61,7 +63,7 @@ for stage in "$@"; do
     budget) bench 200 --batch 150 --comba-precision autocast --compile --activation-budget 0.5 --warmup 3 --steps 10 2>&1 | grep -v TileLang | tail -4 | tee -a "$LOG" ;;
     pretrain) timeout 60 python3 -m crossdna.cli shard build --config configs/shard/chr20.yaml --out /tmp/chr20-shards --quiet fasta="$CROSSDNA_CHR20_FASTA" 2>&1 | tail -2 | tee -a "$LOG"
               start=$(date +%s)
-              timeout 540 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=$RUN > "$OUT/pretrain.log" 2>&1
+              timeout 560 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=$RUN > "$OUT/pretrain.log" 2>&1
               echo "pretrain exit $? after $(( $(date +%s) - start )) s" | tee -a "$LOG"
               grep -E "step +(200|400|600|800|1000)/|eval|wrote|exit" "$OUT/pretrain.log" | grep -v TileLang | tail -20 | tee -a "$LOG"
               run_id=$(python3 -c "import json; print(json.load(open('$RUN/checkpoints/$(cat $RUN/checkpoints/latest)/trainer.json'))['tracking_run_id'])")
@@ -70,13 +72,16 @@ for stage in "$@"; do
               tar czf "$OUT/pretrain.tgz" -C /tmp report && rm "$OUT/pretrain.log"
               split -b 15m -d "$RUN/model.safetensors" "$OUT/model.safetensors.part-" && sha256sum "$RUN/model.safetensors" | tee -a "$LOG" ;;
     finetune) mkdir -p /tmp/ft
-              for init in pretrained scratch; do
+              # Both arms run Comba under bf16 autocast (the pretraining config's choice; the 8m preset's is fp32).
+              FT_MODEL="train.model_overrides=[use_ema_teacher=false, dropout=0.1, bridge_dropout=0.05, gate_freeze_steps=0, comba.precision=autocast]"
+              for init in pretrained scratch; do  # one wave of five processes per init: ~6 GiB each in bf16
                 src=$([ $init = pretrained ] && echo "${FT_INIT:-$RUN/model.safetensors}" || echo scratch)
                 for t in 0 1 2 3 4; do
-                  timeout 560 python3 -m crossdna.cli benchmark --suite gue-tf --tasks tf$t --init "$src" --out /tmp/ft/$init-tf$t --quiet --no-tracking data_root=runs/devdata train.device=cuda train.max_steps=${FT_STEPS:-250} > /tmp/ft/$init-tf$t.log 2>&1 &
+                  timeout 280 python3 -m crossdna.cli benchmark --suite gue-tf --tasks tf$t --init "$src" --out /tmp/ft/$init-tf$t --quiet --no-tracking data_root=runs/devdata train.device=cuda train.precision=bf16 "$FT_MODEL" train.max_steps=${FT_STEPS:-200} > /tmp/ft/$init-tf$t.log 2>&1 &
                 done
+                wait
+                echo "$init done $(date -u +%T)" | tee -a "$LOG"
               done
-              wait
               tail -n 3 /tmp/ft/*.log | grep -v TileLang | tail -40 | tee -a "$LOG"
               python3 benchmarks/compare_finetune.py --out "$OUT/gue_tf_pretrained_vs_scratch" \
                 "scratch=$(ft_dirs scratch)" "pretrained=$(ft_dirs pretrained)" 2>&1 | tee -a "$LOG" ;;

@@ -20,7 +20,8 @@ class Progress:
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, tty: bool | None = None):
         self.enabled, self.total = enabled, total_steps
         self.tty = sys.stderr.isatty() if tty is None else tty
-        self._ema_step_s: float | None = None
+        self._first_s: float | None = None  # the process's first step: compilation and warm-up
+        self._steps, self._sum_s = 0, 0.0
         self._bar = None
         self._jsonl = None
         if not enabled:
@@ -31,12 +32,17 @@ class Progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def step_time(self, seconds: float) -> float:
-        """Smoothed seconds per step (includes eval/checkpoint time, so the ETA does too)."""
-        self._ema_step_s = seconds if self._ema_step_s is None else 0.9 * self._ema_step_s + 0.1 * seconds
-        return self._ema_step_s
+        """Mean seconds per step after the process's first (which carries compilation and warm-up). It includes
+        evaluations and checkpoints at the rate they recur, so the ETA does too."""
+        if self._first_s is None:
+            self._first_s = seconds
+            return seconds
+        self._steps, self._sum_s = self._steps + 1, self._sum_s + seconds
+        return self._sum_s / self._steps
 
     def eta(self, step: int) -> float:
-        return (self._ema_step_s or 0.0) * (self.total - step)
+        per_step = self._sum_s / self._steps if self._steps else (self._first_s or 0.0)
+        return per_step * (self.total - step)
 
     def update(self, step: int, record: dict, print_line: bool) -> None:
         if not self.enabled:

@@ -205,3 +205,16 @@ def test_shipped_suites_load():
     for path in sorted((Path(__file__).parents[1] / "configs" / "finetune").glob("*.yaml")):
         cfg = BenchmarkConfig.load(path)
         assert cfg.tasks and all(t.max_length >= 101 for t in cfg.tasks), path
+
+
+def test_cuda_graph_applies_only_where_a_replay_repeats_the_step():
+    from crossdna.finetune.trainer import uses_cuda_graph
+
+    backbone, _ = load_backbone("scratch", "tiny", TINY)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_cuda_graph(TrainConfig(), cuda, backbone)
+    assert not uses_cuda_graph(TrainConfig(), cpu, backbone)
+    assert not uses_cuda_graph(TrainConfig(cuda_graph="off"), cuda, backbone)
+    assert not uses_cuda_graph(TrainConfig(pad_to="longest"), cuda, backbone)  # shapes change per batch
+    upstream, _ = load_backbone("scratch", "tiny", TINY + ["compat.gate_step=forward_count"])
+    assert not uses_cuda_graph(TrainConfig(), cuda, upstream)  # the forward counts itself on the host

@@ -24,6 +24,17 @@ def test_plain_lines_with_eta_and_jsonl(tmp_path, caplog):
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[0]["train/ce"] == 1.25
 
 
+def test_eta_leaves_out_the_first_step():
+    """The first step carries compilation (minutes on a GPU); an ETA that weighs it in overstates the rest."""
+    progress = Progress(None, total_steps=100, start_step=0, enabled=False)
+    progress.step_time(200.0)
+    assert progress.eta(1) == 200.0 * 99  # nothing better known yet
+    for _ in range(9):
+        progress.step_time(0.5)
+    progress.step_time(5.5)  # an evaluation: it recurs, so it counts
+    assert progress.eta(11) == (9 * 0.5 + 5.5) / 10 * 89
+
+
 def test_tty_bar_and_disabled_ranks(tmp_path, capsys):
     progress = Progress(tmp_path, total_steps=10, start_step=5, enabled=True, tty=True)
     progress.step_time(1.0)

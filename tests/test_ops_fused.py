@@ -284,10 +284,11 @@ def test_fused_training_step_has_no_host_sync(precision):
 @pytest.mark.gpu
 @needs_gpu
 def test_cuda_graph_step_replays_the_eager_step():
-    """The benchmark's captured step (crossdna.bench.train_step.graphed) computes what the eager step computes:
+    """The benchmark's captured step (crossdna.cuda_graphs.capture) computes what the eager step computes:
     same losses over a few steps with new batches copied in, and the same weights after them (dropout off, so
     that both consume no random numbers)."""
-    from crossdna.bench.train_step import STEP, graphed, make_step
+    from crossdna.bench.train_step import STEP, make_step
+    from crossdna.cuda_graphs import capture
     from crossdna.objectives import ObjectiveConfig
 
     cfg = CrossDNAConfig.preset("8m").replace(kernels="fused", dropout=0.0, bridge_dropout=0.0)
@@ -307,7 +308,7 @@ def test_cuda_graph_step_replays_the_eager_step():
         step = make_step(model, opt, True, ObjectiveConfig(), STEP)
         losses = [step(batches[0]) for _ in range(2)]  # warm-up: autotuning outside the capture
         if capture:
-            step = graphed(step, batches[0])
+            step = capture(step, batches[0])
         losses += [step(b) for b in batches]
         runs.append((torch.stack(losses).float().cpu(), [p.detach().clone() for p in model.parameters()]))
     (eager_loss, eager_params), (graph_loss, graph_params) = runs

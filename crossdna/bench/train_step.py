@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from crossdna import flops
+from crossdna.cuda_graphs import capture
 from crossdna.model import CrossDNAConfig, SSScanDNAHybridModel, count_parameters
 from crossdna.objectives import ObjectiveConfig, pretrain_loss
 
@@ -130,27 +131,6 @@ def build(cfg: BenchConfig, device: torch.device) -> tuple[SSScanDNAHybridModel,
     return model, optimizer
 
 
-def graphed(step: Callable[[dict], torch.Tensor], example: dict) -> Callable[[dict], torch.Tensor]:
-    """Capture one whole training step (forward, backward, clipping, optimizer, EMA) as a CUDA graph and return
-    a step that copies the batch into the graph's input buffers and replays it: no Python, dynamo guards or
-    kernel launches per step, which is what bounds the step at small batches. Valid because the step has no
-    host syncs and, at a fixed step index, no data-dependent control flow; call after the warm-up (autotuning and
-    compilation happen outside the capture)."""
-    static = {k: v.clone() for k, v in example.items()}
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step(static)
-
-    def replay(batch: dict) -> torch.Tensor:
-        for k, buffer in static.items():
-            buffer.copy_(batch[k], non_blocking=True)
-        graph.replay()
-        return loss.clone()
-
-    return replay
-
-
 # ------------------------------------------------------------------------------------------------- profiler
 _CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports them
     ("comba kernels (fla)", ("chunk_", "solve_tril", "recompute_w_u", "prepare_wy", "l2norm", "merge_16x16",
@@ -257,7 +237,7 @@ def bench_batch(cfg: BenchConfig, batch: int, device: torch.device, progress: Ca
         torch.cuda.reset_peak_memory_stats(device)
         # The capture allocates every activation of a step once, in the graph's private pool; replays reuse those
         # addresses and allocate nothing, so the step's peak is the one seen while capturing.
-        step = graphed(step, batches[0])
+        step = capture(step, batches[0])
     times, losses, peak, reserved = timed_steps(step, batches, cfg.steps, device, reset_peak=not cfg.cuda_graph)
     s_step = statistics.median(times)
     step_flops = flops.train_step_flops(model.cfg, batch, cfg.length, gram=cfg.gram)

@@ -84,6 +84,9 @@ class TrainConfig:
     max_steps: int | None = None    # stop early (smoke tests); the LR schedule is laid out over min(total, max_steps)
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"            # auto: cuda if available
+    # auto: on CUDA with pad_to max_length, the training step is captured once as a CUDA graph and replayed (a
+    # ~100-bp step is ~10k kernel launches: launch-bound without it). off: every step eager.
+    cuda_graph: Literal["auto", "off"] = "auto"
     # Backbone config overrides for finetuning, dotted as on the command line (spec §4.4: no EMA teacher,
     # dropout 0.10, bridge dropout 0.05). gate_freeze_steps=0: upstream finetuning inherits the pretraining g_step,
     # so its fusion gate is live from the first batch; 0 does the same without depending on a step counter.

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from crossdna.cuda_graphs import GraphedStep
 from crossdna.finetune.config import TaskConfig, TrainConfig
 from crossdna.finetune.data import EncodedSplit, TaskSplits, encode
 from crossdna.finetune.heads import SequenceModel
@@ -62,6 +63,24 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """In place where the lr is a device tensor (a captured optimizer step reads it from there)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def uses_cuda_graph(train_cfg: TrainConfig, device: torch.device, backbone: nn.Module) -> bool:
+    """Capture needs fixed shapes and a forward without host-side state: upstream's forward-counted gate step and
+    EMA update in the forward (compat switches) change per call what a replay would repeat."""
+    compat = getattr(getattr(backbone, "cfg", None), "compat", None)
+    stateful = compat is not None and (compat.gate_step == "forward_count" or compat.ema_update_in_forward)
+    return (train_cfg.cuda_graph == "auto" and device.type == "cuda" and train_cfg.pad_to == "max_length"
+            and not stateful)
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float, min_ratio: float) -> Callable[[int], float]:
@@ -117,14 +136,32 @@ def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backb
     if train_cfg.max_steps is not None:
         total = min(total, train_cfg.max_steps)
     eval_every = max(1, steps_per_epoch // train_cfg.evals_per_epoch)
-    optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay), lr=task.lr, betas=train_cfg.betas)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total, train_cfg.warmup_fraction, train_cfg.min_lr_ratio))
+    graphed = uses_cuda_graph(train_cfg, device, backbone)
+    # Captured: the step counter and the lr live on the device (capturable), so a replay reads this step's values.
+    optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay),
+                                  lr=torch.tensor(task.lr, device=device) if graphed else task.lr,
+                                  betas=train_cfg.betas, fused=graphed or None, capturable=graphed)
+    lr_factor = warmup_cosine(total, train_cfg.warmup_fraction, train_cfg.min_lr_ratio)
+    params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     set_step = getattr(backbone, "set_step", None)
     # The gate warm-up continues from the backbone's own step, as upstream finetuning inherits the pretraining g_step
     # (spec §4.4): a pretrained gate stays live whatever gate_freeze_steps says; a scratch backbone starts at 0.
     first_step = int(getattr(backbone, "step", 0))
+
+    def train_step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast:
+            out = model(batch["input_ids"], batch["attention_mask"])
+        loss = model.loss(out.float(), batch["labels"])
+        loss.backward()
+        if train_cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step_fn = GraphedStep(train_step) if graphed else None
+    gate_frozen = getattr(backbone, "gate_frozen", lambda: False)
 
     def evaluate(split: EncodedSplit) -> dict[str, float]:
         out = predict(model, split, train_cfg.eval_batch_size, longest, device, autocast)
@@ -143,17 +180,11 @@ def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backb
             if step >= total:
                 break
             model.train()
-            b = train.batch(order[start:start + task.batch_size], longest)
-            with autocast:
-                out = model(b["input_ids"].to(device, non_blocking=True),
-                            b["attention_mask"].to(device, non_blocking=True))
-            loss = model.loss(out.float(), b["labels"].to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if train_cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
-            schedule.step()
+            batch = {k: v.to(device, non_blocking=True)
+                     for k, v in train.batch(order[start:start + task.batch_size], longest).items()}
+            lr = task.lr * lr_factor(step)
+            set_lr(optimizer, lr)
+            loss = step_fn(batch, phase=gate_frozen()) if step_fn is not None else train_step(batch)
             step += 1
             if set_step is not None:  # the gate warm-up counts optimizer steps (spec §2.8)
                 set_step(first_step + step)
@@ -166,7 +197,7 @@ def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backb
                 loss_count = 0
                 metrics = evaluate(val)
                 if log is not None:
-                    log(step, {"train/loss": train_loss, "train/lr": schedule.get_last_lr()[0],
+                    log(step, {"train/loss": train_loss, "train/lr": lr,
                                **{f"val/{k}": v for k, v in metrics.items()}})
                 bar.set_postfix(loss=f"{train_loss:.4f}", **{task.metric: f"{metrics[task.metric]:.4f}"})
                 if _better(task.metric, metrics[task.metric], best_metric):
