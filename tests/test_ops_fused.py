@@ -300,14 +300,14 @@ def test_cuda_graph_step_replays_the_eager_step():
         batches.append({"input_ids": ids, "labels": ids.clone(),
                         "loss_mask": torch.rand(4, 1024, device="cuda", generator=gen) < 0.15})
     runs = []
-    for capture in (False, True):
+    for captured in (False, True):
         torch.manual_seed(0)
         model = SSScanDNAHybridModel(cfg).cuda().train()
         model.set_step(STEP)
-        opt = torch.optim.AdamW(model.student_parameters(), lr=1e-3, fused=True, capturable=capture)
+        opt = torch.optim.AdamW(model.student_parameters(), lr=1e-3, fused=True, capturable=captured)
         step = make_step(model, opt, True, ObjectiveConfig(), STEP)
         losses = [step(batches[0]) for _ in range(2)]  # warm-up: autotuning outside the capture
-        if capture:
+        if captured:
             step = capture(step, batches[0])
         losses += [step(b) for b in batches]
         runs.append((torch.stack(losses).float().cpu(), [p.detach().clone() for p in model.parameters()]))

@@ -138,9 +138,10 @@ def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backb
     eval_every = max(1, steps_per_epoch // train_cfg.evals_per_epoch)
     graphed = uses_cuda_graph(train_cfg, device, backbone)
     # Captured: the step counter and the lr live on the device (capturable), so a replay reads this step's values.
+    # Fused on CUDA either way, so that captured and eager runs share the optimizer kernel.
     optimizer = torch.optim.AdamW(_param_groups(model, train_cfg.weight_decay),
                                   lr=torch.tensor(task.lr, device=device) if graphed else task.lr,
-                                  betas=train_cfg.betas, fused=graphed or None, capturable=graphed)
+                                  betas=train_cfg.betas, fused=device.type == "cuda" or None, capturable=graphed)
     lr_factor = warmup_cosine(total, train_cfg.warmup_fraction, train_cfg.min_lr_ratio)
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
