@@ -189,6 +189,32 @@ def test_multilabel_and_regression_heads(kind, labels):
     assert torch.isfinite(loss) and model.head.weight.grad is not None
 
 
+@pytest.mark.parametrize("kind", ["multiclass", "multilabel", "regression"])
+def test_a_short_batch_padded_to_the_step_shape_keeps_its_loss_and_outputs(kind):
+    """The last batch of an epoch is filled up to the batch size with zero-weight rows (one shape for every step, so
+    a captured step covers it): its loss, its gradients and the evaluation outputs are those of the real rows."""
+    from crossdna.finetune.trainer import pad_rows, predict
+
+    split = encode(read_split(FIXTURES / "gue_tf0" / "dev.csv").subset(np.arange(10)), 101, TrainConfig())
+    labels = {"multiclass": split.labels, "multilabel": torch.rand(10, 3), "regression": torch.randn(10, 3)}[kind]
+    torch.manual_seed(0)
+    backbone, _ = load_backbone("scratch", "tiny", TINY)
+    model = SequenceModel(backbone, backbone.cfg.d_model, 2 if kind == "multiclass" else 3, kind).eval()
+    short = {**split.batch(torch.arange(5), False), "labels": labels[:5]}
+    padded = pad_rows(short, 8)
+    assert padded["input_ids"].shape == (8, 101) and padded["weight"].tolist() == [1.0] * 5 + [0.0] * 3
+    grads = []
+    for b, weight in ((short, None), (padded, padded["weight"])):
+        model.zero_grad()
+        loss = model.loss(model(b["input_ids"], b["attention_mask"]), b["labels"], weight)
+        loss.backward()
+        grads.append((loss.detach(), model.head.weight.grad.clone()))
+    torch.testing.assert_close(grads[1], grads[0])
+    outputs = predict(model, split, 4, False, torch.device("cpu"))  # batches of 4, 4 and 2 (padded to 4)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(outputs), model(split.ids.long(), split.mask))
+
+
 def test_cli_errors_name_the_file_and_field(tmp_path, capsys):
     cfg = tmp_path / "suite.yaml"
     cfg.write_text("name: s\ntasks:\n  - {name: a, train: x.csv, test: y.csv, metric: pearson}\n")

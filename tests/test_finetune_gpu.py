@@ -18,7 +18,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
 
 def test_graphed_finetune_matches_the_eager_one(monkeypatch):
     """The 8m backbone on the 200 real GUE tf/0 fixture rows, dropout off (so both runs draw no random numbers):
-    batch 32 leaves a last partial batch per epoch (run eagerly beside the graph), and the gate unfreezes at step 5
+    batch 32 leaves a last short batch per epoch (padded with zero-weight rows), and the gate unfreezes at step 5
     (a second capture). From random init the depth-6 model is chaotic: on CPU, foreach against fused AdamW (the same
     arithmetic, other rounding) moves the third and fifth loss windows by 3 % and 14 % at lr 5e-4. So the runs are
     compared at lr 1e-5, where an update is small: equal losses, and the captured run's weights differ from the

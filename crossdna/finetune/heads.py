@@ -45,9 +45,15 @@ class SequenceModel(nn.Module):
         pooled = masked_mean(hidden.float(), attention_mask)
         return self.head(self.dropout(pooled))
 
-    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over samples of each sample's loss (over its labels/outputs); ``weight`` [B] (0 for padding rows)
+        makes it a weighted mean, without a host sync."""
         if self.kind == "multiclass":
-            return F.cross_entropy(outputs, labels)
-        if self.kind == "multilabel":
-            return F.binary_cross_entropy_with_logits(outputs, labels)
-        return F.mse_loss(outputs, labels)
+            per_sample = F.cross_entropy(outputs, labels, reduction="none")
+        elif self.kind == "multilabel":
+            per_sample = F.binary_cross_entropy_with_logits(outputs, labels, reduction="none").mean(-1)
+        else:
+            per_sample = F.mse_loss(outputs, labels, reduction="none").mean(-1)
+        if weight is None:
+            return per_sample.mean()
+        return (per_sample * weight).sum() / weight.sum()

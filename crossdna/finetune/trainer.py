@@ -95,6 +95,17 @@ def warmup_cosine(total_steps: int, warmup_fraction: float, min_ratio: float) ->
     return factor
 
 
+def pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """A short (last) batch filled up to ``rows`` with copies of its first row, and ``weight`` [rows]: 1 for real rows,
+    0 for the copies. Every step and evaluation then has one shape: no kernel autotuning or compilation for an odd
+    batch size mid-run, and a captured step covers every batch."""
+    n = next(iter(batch.values())).shape[0]
+    fill = torch.zeros(rows - n, dtype=torch.long)
+    padded = {k: torch.cat([v, v[fill]]) for k, v in batch.items()}
+    padded["weight"] = (torch.arange(rows) < n).float()
+    return padded
+
+
 @torch.no_grad()
 def predict(model: SequenceModel, split: EncodedSplit, batch_size: int, pad_to_longest: bool,
             device: torch.device, autocast: torch.autocast | None = None) -> np.ndarray:
@@ -102,10 +113,13 @@ def predict(model: SequenceModel, split: EncodedSplit, batch_size: int, pad_to_l
     model.eval()
     outs = []
     for start in range(0, len(split), batch_size):
-        b = split.batch(torch.arange(start, min(start + batch_size, len(split))), pad_to_longest)
+        n = min(batch_size, len(split) - start)
+        b = split.batch(torch.arange(start, start + n), pad_to_longest)
+        if not pad_to_longest:
+            b = pad_rows(b, batch_size)
         with autocast or torch.autocast(device.type, enabled=False):
             out = model(b["input_ids"].to(device, non_blocking=True), b["attention_mask"].to(device, non_blocking=True))
-        outs.append(out.float().cpu())
+        outs.append(out[:n].float().cpu())
     return torch.cat(outs).numpy()
 
 
@@ -153,7 +167,7 @@ def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backb
     def train_step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with autocast:
             out = model(batch["input_ids"], batch["attention_mask"])
-        loss = model.loss(out.float(), batch["labels"])
+        loss = model.loss(out.float(), batch["labels"], batch.get("weight"))
         loss.backward()
         if train_cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, train_cfg.grad_clip)
@@ -181,8 +195,10 @@ def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backb
             if step >= total:
                 break
             model.train()
-            batch = {k: v.to(device, non_blocking=True)
-                     for k, v in train.batch(order[start:start + task.batch_size], longest).items()}
+            batch = train.batch(order[start:start + task.batch_size], longest)
+            if not longest:
+                batch = pad_rows(batch, task.batch_size)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             lr = task.lr * lr_factor(step)
             set_lr(optimizer, lr)
             loss = step_fn(batch, phase=gate_frozen()) if step_fn is not None else train_step(batch)
