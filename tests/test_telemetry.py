@@ -39,8 +39,9 @@ def test_sampler_logs_host_counters_into_the_run(tmp_path, caplog):
     telemetry = Telemetry(run_id, uri, node_id="node 7", interval_s=0.2, step_fn=lambda: step["now"]).start()
     for _ in range(3):
         step["now"] += 10
-        torch.randn(256, 256) @ torch.randn(256, 256)  # some CPU work to observe
-        time.sleep(0.25)
+        busy_until = time.perf_counter() + 0.3
+        while time.perf_counter() < busy_until:  # CPU work over a whole sampling interval (a sleep shows none)
+            torch.randn(256, 256) @ torch.randn(256, 256)
     telemetry.stop()
 
     metrics = client.get_run(run_id).data.metrics
