@@ -43,9 +43,9 @@ def _shapes(batch: Batch) -> dict[str, tuple[int, ...]]:
 class GraphedStep:
     """``step`` run eagerly for its first ``warmup`` calls (on a side stream, as a capture requires), then replayed.
 
-    Batches shaped unlike the captured one (a last partial batch) run eagerly. ``phase`` names what the step's
-    structure depends on besides the shapes (the fusion gate's warm-up freezes it): a new phase drops the graph and
-    warms up again, so only one graph's memory is held at a time."""
+    Every batch must have the captured one's shapes (pad a short batch). ``phase`` names what the step's structure
+    depends on besides the shapes (the fusion gate's warm-up freezes it): a new phase drops the graph and warms up
+    again, so only one graph's memory is held at a time."""
 
     def __init__(self, step: Step, warmup: int = 2) -> None:
         self._step = step
@@ -63,7 +63,10 @@ class GraphedStep:
         if self._replay is None and self._eager_calls >= self._warmup:
             self._replay, self._shapes = capture(self._step, batch), _shapes(batch)
             self.captures += 1
-        if self._replay is not None and _shapes(batch) == self._shapes:
+        if self._replay is not None:
+            if _shapes(batch) != self._shapes:
+                raise ValueError(f"batch shapes {_shapes(batch)} differ from the captured {self._shapes}: "
+                                 "a replay needs one shape (pad short batches)")
             return self._replay(batch)
         self._eager_calls += 1
         main = torch.cuda.current_stream()
