@@ -126,5 +126,9 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Optim
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """In place where the lr is a device tensor (a CUDA-graph-captured optimizer step reads it from there)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr

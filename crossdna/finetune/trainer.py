@@ -22,6 +22,7 @@ from crossdna.finetune.config import TaskConfig, TrainConfig
 from crossdna.finetune.data import EncodedSplit, TaskSplits, encode
 from crossdna.finetune.heads import SequenceModel
 from crossdna.finetune.metrics import LOWER_IS_BETTER, compute_metrics
+from launcher.optim import set_lr
 
 LogFn = Callable[[int, dict[str, float]], None]
 
@@ -65,15 +66,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """In place where the lr is a device tensor (a captured optimizer step reads it from there)."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
-
-
 def uses_cuda_graph(train_cfg: TrainConfig, device: torch.device, backbone: nn.Module) -> bool:
     """Capture needs fixed shapes and a forward without host-side state: upstream's forward-counted gate step and
     EMA update in the forward (compat switches) change per call what a replay would repeat."""
@@ -100,10 +92,11 @@ def pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tenso
     0 for the copies. Every step and evaluation then has one shape: no kernel autotuning or compilation for an odd
     batch size mid-run, and a captured step covers every batch."""
     n = next(iter(batch.values())).shape[0]
+    weight = (torch.arange(rows) < n).float()
+    if n == rows:
+        return {**batch, "weight": weight}
     fill = torch.zeros(rows - n, dtype=torch.long)
-    padded = {k: torch.cat([v, v[fill]]) for k, v in batch.items()}
-    padded["weight"] = (torch.arange(rows) < n).float()
-    return padded
+    return {**{k: torch.cat([v, v[fill]]) for k, v in batch.items()}, "weight": weight}
 
 
 @torch.no_grad()
