@@ -8,7 +8,7 @@
 #   install-b    z3-solver (.gpu/tlb), which tilelang needs (split off: the carry limit is 64 MiB per call)
 #   install-mlflow  mlflow-skinny and its deps (.gpu/mlflow)
 #   tests        pytest -m gpu tests/test_ops_fused.py tests/test_model_gpu.py
-#   tests-graphs the captured steps: finetuning (tests/test_finetune_gpu.py) and the pretraining benchmark's
+#   tests-graphs the captured steps: finetuning (tests/test_finetune_gpu.py) and the pretraining benchmark's capture
 #   tests-rerun  the slower of those only: full model vs float64, bf16 vs fp32 training, CUDA graph, host syncs
 #   telemetry    pytest -m gpu tests/test_telemetry_gpu.py (needs install-mlflow)
 #   overhead     benchmarks/logging_overhead.py on the GPU (needs install-mlflow; data in runs/devdata/gb)
@@ -24,7 +24,8 @@
 #                the weights in 15 MiB parts (cat them; the sha256 is in session.log) and stay on the machine
 #   finetune     GUE tf0-4, 3 seeds of FT_STEPS (200) steps in bf16, from the pretrained weights and from scratch:
 #                five processes at a time on the one GPU (captured steps), then benchmarks/compare_finetune.py
-#                (data in runs/devdata/gue); FT_INIT=... finetunes another pretrained source
+#                (data in runs/devdata/gue); every run's results and log come back in ft.tgz; FT_INIT=...
+#                finetunes another pretrained source
 #   save-cache   the autotune results and tilelang kernels to $OUT/autotune_cache.tgz, for the next session
 # Everything written under $OUT (logs, JSON, plots) comes back; the chr20 FASTA is expected in .gpu/chr20/.
 # With the `run` tool: call 1 carries .gpu/core .gpu/tla .gpu/cache and runs `install-a`; the next call, within
@@ -77,12 +78,13 @@ for stage in "$@"; do
               for init in pretrained scratch; do  # one wave of five processes per init: ~6 GiB each in bf16
                 src=$([ $init = pretrained ] && echo "${FT_INIT:-$RUN/model.safetensors}" || echo scratch)
                 for t in 0 1 2 3 4; do
-                  timeout 280 python3 -m crossdna.cli benchmark --suite gue-tf --tasks tf$t --init "$src" --out /tmp/ft/$init-tf$t --quiet --no-tracking data_root=runs/devdata train.device=cuda train.precision=bf16 "$FT_MODEL" train.max_steps=${FT_STEPS:-200} > /tmp/ft/$init-tf$t.log 2>&1 &
+                  timeout 280 python3 -m crossdna.cli benchmark --suite gue-tf --tasks "tf$t" --init "$src" --out "/tmp/ft/$init-tf$t" --quiet --no-tracking data_root=runs/devdata train.device=cuda train.precision=bf16 "$FT_MODEL" train.max_steps="${FT_STEPS:-200}" > "/tmp/ft/$init-tf$t.log" 2>&1 &
                 done
                 wait
                 echo "$init done $(date -u +%T)" | tee -a "$LOG"
               done
               tail -n 3 /tmp/ft/*.log | grep -v TileLang | tail -40 | tee -a "$LOG"
+              tar czf "$OUT/ft.tgz" -C /tmp ft  # every run's results.json and log, also when a task did not finish
               python3 benchmarks/compare_finetune.py --out "$OUT/gue_tf_pretrained_vs_scratch" \
                 "scratch=$(ft_dirs scratch)" "pretrained=$(ft_dirs pretrained)" 2>&1 | tee -a "$LOG" ;;
     faithful) bench 200 --comba-precision fp32 --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
