@@ -21,6 +21,21 @@ import yaml
 T = TypeVar("T")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 (PyYAML's default) also reads yes/no/on/off as booleans,
+    which turns a choice such as ``cuda_graph: off`` into False."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
+                                   for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
+
 class ConfigError(ValueError):
     """A configuration file or override that does not fit its dataclass."""
 
@@ -133,7 +148,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: malformed key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: cannot parse value: {e}") from e
     return key.split("."), _fix_yaml_floats(value)
@@ -175,7 +190,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from e
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

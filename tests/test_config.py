@@ -21,6 +21,8 @@ class Run:
     name: str = "x"
     steps: int = 10
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    graph: Literal["auto", "on", "off"] = "auto"
+    verbose: bool = False
     resume: Optional[str] = None
     optim: Optim = field(default_factory=Optim)
 
@@ -87,6 +89,18 @@ def test_scientific_notation_is_float():
     assert parse_override("a.b=1e-4") == (["a", "b"], 1e-4)
     assert parse_override("a=-2.5E3") == (["a"], -2500.0)
     assert parse_override("a=chr1e5x") == (["a"], "chr1e5x")
+
+
+def test_only_true_and_false_are_booleans(tmp_path):
+    """on/off/yes/no are choices' names, as in YAML 1.2, not the booleans of YAML 1.1."""
+    p = tmp_path / "run.yaml"
+    p.write_text("graph: off\nverbose: True\n")
+    cfg = load(Run, p)
+    assert cfg.graph == "off" and cfg.verbose is True
+    assert load(Run, p, ["graph=on", "verbose=false"]).graph == "on"
+    with pytest.raises(ConfigError, match="verbose: expected true/false, got 'yes'"):
+        load(Run, p, ["verbose=yes"])
+    assert load(Run, None, [f"graph={dump_yaml(cfg).split('graph: ')[1].split()[0]}"]).graph == "off"
 
 
 def test_top_level_unknown_field_reads_cleanly(tmp_path):
