@@ -13,7 +13,7 @@ from typing import Callable, Hashable
 import torch
 
 Batch = dict[str, torch.Tensor]
-Step = Callable[[Batch], torch.Tensor]
+Step = Callable[[Batch], torch.Tensor | None]
 
 
 def capture(step: Step, example: Batch) -> Step:
@@ -27,11 +27,11 @@ def capture(step: Step, example: Batch) -> Step:
     with torch.cuda.graph(graph):
         loss = step(static)
 
-    def replay(batch: Batch) -> torch.Tensor:
+    def replay(batch: Batch) -> torch.Tensor | None:
         for k, buffer in static.items():
             buffer.copy_(batch[k], non_blocking=True)
         graph.replay()
-        return loss.clone()
+        return None if loss is None else loss.clone()
 
     return replay
 
@@ -57,7 +57,7 @@ class GraphedStep:
         self._eager_calls = 0
         self.captures = 0
 
-    def __call__(self, batch: Batch, phase: Hashable = None) -> torch.Tensor:
+    def __call__(self, batch: Batch, phase: Hashable = None) -> torch.Tensor | None:
         if phase != self._phase:
             self._phase, self._replay, self._eager_calls = phase, None, 0
         if self._replay is None and self._eager_calls >= self._warmup:
@@ -74,5 +74,6 @@ class GraphedStep:
         with torch.cuda.stream(self._side):
             loss = self._step(batch)
         main.wait_stream(self._side)
-        loss.record_stream(main)
+        if loss is not None:
+            loss.record_stream(main)
         return loss

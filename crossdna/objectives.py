@@ -51,8 +51,8 @@ class LossTerms:
     acc: torch.Tensor     # top-1 of the fused logits on masked positions (detached)
     acc_a: torch.Tensor   # top-1 of out_linear(fa) alone against the forward labels, wherever A read
     acc_b: torch.Tensor
-    w_sem: float
-    w_gate: float
+    w_sem: float | torch.Tensor
+    w_gate: float | torch.Tensor
 
 
 def linear_warmup(step: int, warmup_steps: int, max_weight: float) -> float:
@@ -149,13 +149,17 @@ def top1(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) ->
 
 
 def pretrain_loss(out: PretrainOutput, labels: torch.Tensor, loss_mask: torch.Tensor, step: int,
-                  cfg: ObjectiveConfig | None = None) -> LossTerms:
-    """labels: clean ids [B,L] (0..4); loss_mask: bool [B,L] (scored positions); step: the optimizer step."""
+                  cfg: ObjectiveConfig | None = None,
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossTerms:
+    """labels: clean ids [B,L] (0..4); loss_mask: bool [B,L] (scored positions); step: the optimizer step.
+
+    ``weights``: (w_sem, w_gate) as device tensors holding ``sem_weight(step)`` and ``gate_weight(step)``, for a
+    step captured as a CUDA graph (a float would be baked into the capture; the caller refills the tensors)."""
     cfg = cfg or ObjectiveConfig()
     ce = masked_cross_entropy(out.logits, labels, loss_mask)
     zero = ce.new_zeros(())
 
-    w_sem = sem_weight(step, cfg)
+    w_sem = sem_weight(step, cfg) if weights is None else weights[0]
     if out.target_a is not None and out.target_b is not None:
         per_block = [
             semantic_preservation(fa, ta, cfg) + semantic_preservation(fb, tb, cfg)
@@ -165,7 +169,7 @@ def pretrain_loss(out: PretrainOutput, labels: torch.Tensor, loss_mask: torch.Te
     else:
         sem = zero
 
-    w_gate = gate_weight(step, out.gate_freeze_steps, cfg)
+    w_gate = gate_weight(step, out.gate_freeze_steps, cfg) if weights is None else weights[1]
     if cfg.gate_sup_weight > 0 and step >= out.gate_freeze_steps:
         if out.gate_frozen or out.gate_logits is None:
             raise ValueError(f"gate supervision is active at step {step} but the forward froze the gate "

@@ -14,6 +14,7 @@ from crossdna import config as cfgio
 from crossdna.data import DataConfig
 from crossdna.model import CrossDNAConfig
 from crossdna.objectives import ObjectiveConfig
+from launcher.distributed import DistEnv
 from launcher.optim import OptimConfig, ScheduleConfig
 from launcher.parallelize import STRATEGIES
 from launcher.tracking import TrackingConfig
@@ -44,6 +45,11 @@ class TrainerConfig:
                                         # the 2x of docs/performance.md); ddp and fsdp
     compile_activation_budget: float = 1.0  # < 1: compiled layers recompute cheap ops instead of saving them
                                         # (memory for time; crossdna/model/compile.py)
+    # Capture each micro-batch's forward + backward as a CUDA graph and replay it (crossdna/cuda_graphs.py): no
+    # per-kernel host work, which bounds a step on one GPU at small batches (docs/performance.md). auto: on a
+    # single CUDA process with strategy ddp; on: also across ranks (gradients averaged by one flat all-reduce
+    # after the backward instead of DDP's overlapped buckets: launcher/parallelize.py); off: eager steps.
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -60,6 +66,9 @@ class TrainerConfig:
             # DeepSpeed's ZeRO hooks gather and release parameters around each module's forward; compiled modules
             # under those hooks are not what the benchmark measured, so they are not offered.
             raise ValueError(f"compile: supported with strategy ddp or fsdp, not {self.strategy}")
+        if self.cuda_graph == "on" and self.strategy != "ddp":
+            # FSDP2 and ZeRO gather and free parameters around each module on the host's schedule.
+            raise ValueError(f"cuda_graph: 'on' is supported with strategy ddp, not {self.strategy}")
 
 
 @dataclass
@@ -87,6 +96,29 @@ class TrainConfig:
     def __post_init__(self):
         if not self.data.path:
             raise ValueError("data.path: the shard manifest (or its directory) is required")
+        if self.trainer.cuda_graph == "on":
+            if not capturable_model(self.model):
+                raise ValueError("trainer.cuda_graph: 'on' needs model.compat.gate_step=optimizer and "
+                                 "model.compat.ema_update_in_forward=false (upstream's counters change the "
+                                 "forward's work from step to step on the host)")
+            if self.fault.nonfinite_step >= 0:
+                raise ValueError("trainer.cuda_graph: 'on' cannot inject fault.nonfinite_step (a captured step "
+                                 "repeats its first step's work)")
+
+
+def capturable_model(model: CrossDNAConfig) -> bool:
+    return model.compat.gate_step == "optimizer" and not model.compat.ema_update_in_forward
+
+
+def uses_cuda_graph(cfg: TrainConfig, env: DistEnv) -> bool:
+    """Whether the trainer captures its micro-step (``trainer.cuda_graph``, above)."""
+    mode = cfg.trainer.cuda_graph
+    if mode == "on":
+        if env.device.type != "cuda":
+            raise ValueError(f"trainer.cuda_graph: 'on' needs a CUDA device, this rank runs on {env.device}")
+        return True
+    return (mode == "auto" and env.device.type == "cuda" and env.world_size == 1
+            and cfg.trainer.strategy == "ddp" and capturable_model(cfg.model) and cfg.fault.nonfinite_step < 0)
 
 
 def _expand_model_preset(data: dict[str, Any], where: str) -> dict[str, Any]:

@@ -70,7 +70,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                    device_id=device if backend == "nccl" else None)
         else:
             dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
                                     device_id=device if backend == "nccl" else None)

@@ -119,9 +119,16 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimCon
     return [g for g in (decay, no_decay) if g["params"]]
 
 
-def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: OptimConfig,
+                    fused_on: torch.device | None = None, capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW, foreach; fused on ``fused_on`` (a CUDA device, plain tensors: one kernel per step instead of a
+    dozen foreach launches per group). ``capturable`` (fused only): step counters and learning rate are device
+    tensors, so that the step can be replayed from a CUDA graph (``set_lr`` fills the lr in place)."""
     groups = param_groups(named_params, cfg)
-    # foreach (not fused): fused AdamW has no CPU/gloo DTensor path and DeepSpeed wraps the groups itself.
+    if fused_on is not None:
+        lr = torch.tensor(cfg.lr, device=fused_on) if capturable else cfg.lr
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, fused=True, capturable=capturable)
+    # foreach: fused AdamW has no CPU/gloo DTensor path (FSDP2 on CPU) and DeepSpeed wraps the groups itself.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True)
 
 

@@ -27,9 +27,10 @@ from crossdna.config import config_hash, dump_yaml, to_dict
 from crossdna.data import EvalStream, PretrainStream
 from crossdna.model import SSScanDNAHybridModel
 from crossdna.model.compile import compile_model
-from crossdna.objectives import pretrain_loss
+from crossdna.cuda_graphs import GraphedStep
+from crossdna.objectives import gate_weight, pretrain_loss, sem_weight
 from launcher.checkpoint import CheckpointManager
-from launcher.config import TrainConfig, load_train_config
+from launcher.config import TrainConfig, load_train_config, uses_cuda_graph
 from launcher.distributed import DistEnv, derive_seed, init_distributed, seed_everything, shutdown
 from launcher.evaluate import evaluate
 from launcher.export import export_weights
@@ -86,8 +87,15 @@ class Trainer:
         if t.compile:
             compile_model(model.to(env.device), activation_budget=t.compile_activation_budget)
         seed_everything(t.seed, env.rank, t.deterministic)
+        graphed = uses_cuda_graph(cfg, env)
         self.engine = build_engine(model, t.strategy, env, cfg.optim, t.precision, t.micro_batch, t.grad_accum,
-                                   t.deepspeed_config)
+                                   t.deepspeed_config, graphed=graphed)
+        # Captured: the loss weights are device tensors refilled before each replay, one graph per gate phase.
+        self._weights = torch.zeros(2, device=env.device).unbind() if graphed else None
+        self._micro_step = GraphedStep(self._forward_backward) if graphed else self._forward_backward
+        if graphed and env.is_main:
+            log.info("trainer.cuda_graph=%s: forward + backward and the optimizer step replayed as CUDA graphs",
+                     t.cuda_graph)
         self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, t.steps)
         self.stream = PretrainStream(cfg.data.path, cfg.data.train_split, cfg.data, env.rank, env.world_size,
                                      t.micro_batch, t.grad_accum)
@@ -141,20 +149,33 @@ class Trainer:
                 batch = next(batches)
             data_wait += time.perf_counter() - t0
             engine.set_grad_sync(micro == t.grad_accum - 1)
-            ids = batch["input_ids"].to(env.device, non_blocking=True)
-            labels = batch["labels"].to(env.device, non_blocking=True)
-            mask = batch["loss_mask"].to(env.device, non_blocking=True)
-            out = engine.forward(ids)
-            terms = pretrain_loss(out, labels, mask, self.step, self.cfg.objective)
-            total = self._inject_fault(terms)
-            engine.backward(total)
+            inputs = {k: batch[k].to(env.device, non_blocking=True) for k in ("input_ids", "labels", "loss_mask")}
+            if isinstance(self._micro_step, GraphedStep):
+                for weight, value in zip(self._weights, self._loss_weights()):
+                    weight.fill_(value)
+                terms = self._micro_step(inputs, phase=engine.model.gate_frozen())
+            else:
+                terms = self._micro_step(inputs)
             index = batch["index"].to(env.device, dtype=torch.float64)
-            local[:_GRAD_NORM] += torch.stack([total.detach(), terms.ce.detach(), terms.sem.detach(),
-                                               terms.gate.detach(), terms.acc, terms.acc_a, terms.acc_b]).double()
+            local[:_GRAD_NORM] += terms.double()
             local[_INDEX_SUM] += index.sum()
             local[_INDEX_SQ] += (index * index).sum()
         local[:_GRAD_NORM] /= t.grad_accum
-        return local, ids.shape[1], data_wait
+        return local, inputs["input_ids"].shape[1], data_wait
+
+    def _loss_weights(self) -> tuple[float, float]:
+        obj = self.cfg.objective
+        return sem_weight(self.step, obj), gate_weight(self.step, self.cfg.model.gate_freeze_steps, obj)
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch's forward, losses and backward: the loss terms and metrics as one tensor (TERMS +
+        METRICS). What a CUDA graph captures: no host reads, no Python branch on tensor values."""
+        out = self.engine.forward(batch["input_ids"])
+        terms = pretrain_loss(out, batch["labels"], batch["loss_mask"], self.step, self.cfg.objective, self._weights)
+        total = self._inject_fault(terms)
+        self.engine.backward(total)
+        return torch.stack([total.detach(), terms.ce.detach(), terms.sem.detach(), terms.gate.detach(), terms.acc,
+                            terms.acc_a, terms.acc_b])
 
     def _inject_fault(self, terms) -> torch.Tensor:
         f = self.cfg.fault

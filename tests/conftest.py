@@ -60,7 +60,9 @@ def chr20_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("chr20_shards")
     bed = root / "regions.bed"
     bed.write_text("20\t59980\t259980\ttrain\n20\t30000000\t30030000\tvalid\n20\t40000000\t40030000\ttest\n")
-    cfg = ShardConfig(fasta=str(SHARED_DATA / "human_chr20_grch37" / "20.fa.gz"), bed=str(bed),
+    # $CROSSDNA_CHR20_FASTA: a GPU machine's copy of the checkout has no ../shared beside it
+    fasta = os.environ.get("CROSSDNA_CHR20_FASTA") or str(SHARED_DATA / "human_chr20_grch37" / "20.fa.gz")
+    cfg = ShardConfig(fasta=fasta, bed=str(bed),
                       window_length=256, samples_per_shard=64, seed=0)
     out = root / "shards"
     build_shards(cfg, out, workers=1, progress=False)

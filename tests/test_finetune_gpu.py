@@ -45,7 +45,7 @@ def test_graphed_finetune_matches_the_eager_one(monkeypatch):
         history = []
         result = trainer.finetune(task, cfg.train, load_splits(cfg, task), backbone, backbone.cfg.d_model, seed=0,
                                   progress=False, log=lambda step, m: history.append(m) if "train/loss" in m else None)
-        runs.append((result, [m["train/loss"] for m in history], [p.detach().clone() for p in backbone.parameters()]))
+        runs.append((result, [m["train/loss"] for m in history], [p.detach().cpu() for p in backbone.parameters()]))
     (eager, eager_loss, eager_w), (graph, graph_loss, graph_w) = runs
     assert len(graphs) == 1 and graphs[0].captures == 2  # frozen gate, then live gate
     assert graph.steps == eager.steps == 14

@@ -7,12 +7,13 @@ import os
 import signal
 
 import pytest
+import torch
 
 from crossdna.config import ConfigError, to_dict
 from crossdna.model import CrossDNAConfig
 from launcher import deepspeed_config
-from launcher.config import load_train_config
-from launcher.distributed import derive_seed
+from launcher.config import load_train_config, uses_cuda_graph
+from launcher.distributed import DistEnv, derive_seed
 from launcher.signals import PreemptionFlag
 from tests.conftest import REPO
 
@@ -40,6 +41,10 @@ def test_model_preset_expands_and_overrides_apply():
     (["model.preset=huge"], "model.preset"),
     (["trainer.micro_batch=0"], "micro_batch"),
     (["trainer.strategy=zero3", "trainer.compile=true"], "trainer: compile: supported with strategy ddp or fsdp"),
+    (["trainer.cuda_graph=sometimes"], "trainer.cuda_graph"),
+    (["trainer.strategy=fsdp", "trainer.cuda_graph=on"], "trainer: cuda_graph: 'on' is supported with strategy ddp"),
+    (["trainer.cuda_graph=on", "fault.nonfinite_step=3"], "trainer.cuda_graph: 'on' cannot inject fault"),
+    (["trainer.cuda_graph=on", "model.compat.gate_step=forward_count"], "model.compat.gate_step=optimizer"),
     ([], "data.path"),
 ])
 def test_bad_configs_name_the_file_and_field(override, message):
@@ -47,6 +52,16 @@ def test_bad_configs_name_the_file_and_field(override, message):
     with pytest.raises(ConfigError) as e:
         load_train_config(TINY, overrides)
     assert str(TINY) in str(e.value) and message in str(e.value)
+
+
+def test_cuda_graph_auto_is_off_without_cuda_and_on_is_refused():
+    cpu = DistEnv(0, 1, 0, 1, torch.device("cpu"), "gloo")
+    assert not uses_cuda_graph(load_train_config(TINY, ["data.path=/x"]), cpu)
+    with pytest.raises(ValueError, match="trainer.cuda_graph: 'on' needs a CUDA device, this rank runs on cpu"):
+        uses_cuda_graph(load_train_config(TINY, ["data.path=/x", "trainer.cuda_graph=on"]), cpu)
+    gpu = DistEnv(0, 2, 0, 2, torch.device("cuda", 0), "nccl")
+    assert not uses_cuda_graph(load_train_config(TINY, ["data.path=/x"]), gpu)  # auto: one process only
+    assert uses_cuda_graph(load_train_config(TINY, ["data.path=/x", "trainer.cuda_graph=on"]), gpu)
 
 
 def generated(stage=3, **kw):
