@@ -8,7 +8,10 @@
 #   install-b    z3-solver (.gpu/tlb), which tilelang needs (split off: the carry limit is 64 MiB per call)
 #   install-mlflow  mlflow-skinny and its deps (.gpu/mlflow)
 #   tests        pytest -m gpu tests/test_ops_fused.py tests/test_model_gpu.py
-#   tests-graphs the captured steps: finetuning (tests/test_finetune_gpu.py) and the pretraining benchmark's capture
+#   tests-graphs the captured steps: finetuning, the pretraining trainer and the pretraining benchmark's capture
+#   tests-precision  the bf16-vs-fp32 training test alone (four 200-step runs, ~5 min)
+#   precision    benchmarks/precision_curves.py: fp32 and bf16 training, three seeds each, six processes at once
+#   trainer-graph  launcher.train on the 8m demo config at B=32, compiled, cuda_graph=off then auto (tokens/s)
 #   tests-rerun  the slower of those only: full model vs float64, bf16 vs fp32 training, CUDA graph, host syncs
 #   telemetry    pytest -m gpu tests/test_telemetry_gpu.py (needs install-mlflow)
 #   overhead     benchmarks/logging_overhead.py on the GPU (needs install-mlflow; data in runs/devdata/gb)
@@ -53,7 +56,27 @@ for stage in "$@"; do
                python3 -c "import torch, triton, fla, tilelang; from crossdna.ops import fused; print(torch.__version__, triton.__version__, fla.__version__, tilelang.__version__, torch.cuda.get_device_name(0), 'fused unavailable:', repr(fused.UNAVAILABLE))" 2>&1 | tail -3 | tee -a "$LOG" ;;
     install-mlflow) pip_install .gpu/mlflow/*.whl 2>&1 | tail -3 | tee -a "$LOG" ;;
     tests) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -v -rs --tb=line -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -60 | tee -a "$LOG" ;;
-    tests-graphs) timeout 400 python3 -m pytest tests/test_finetune_gpu.py tests/test_ops_fused.py -m gpu -k "graph" -v -rA --tb=short -p no:logging --timeout 350 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -30 | tee -a "$LOG" ;;
+    tests-graphs) timeout 450 python3 -m pytest tests/test_finetune_gpu.py tests/test_launcher_gpu.py tests/test_ops_fused.py -m gpu -k "${GRAPH_TESTS:-graph or captured}" -v -rA --tb=long -p no:logging --timeout 350 > "$OUT/tests-graphs.log" 2>&1
+                  grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" "$OUT/tests-graphs.log" | tail -30 | tee -a "$LOG" ;;
+    tests-precision) timeout 590 python3 -m pytest tests/test_ops_fused.py -m gpu -k bf16_training -v -rA --tb=long -p no:logging --timeout 580 > "$OUT/tests-precision.log" 2>&1
+                     grep -E "PASS|FAIL|ERROR|assert|passed|failed" "$OUT/tests-precision.log" | tail -12 | tee -a "$LOG" ;;
+    precision) mkdir -p "$OUT/precision"  # three seeds per precision at once: ~10 GiB per process in fp32
+               for p in fp32 bf16; do for s in 0 1 2; do
+                 timeout 420 python3 benchmarks/precision_curves.py run --precision $p --seed $s --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT/precision" > "/tmp/precision-$p-$s.log" 2>&1 &
+               done; done
+               wait
+               tail -qn 1 /tmp/precision-*.log | tee -a "$LOG" ;;
+    trainer-graph) timeout 60 python3 -m crossdna.cli shard build --config configs/shard/chr20.yaml --out /tmp/chr20-shards --quiet fasta="$CROSSDNA_CHR20_FASTA" 2>&1 | tail -2 | tee -a "$LOG"
+               for mode in off auto; do  # the 8m demo config at B=32, compiled: eager steps, then captured
+                 timeout 280 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=/tmp/graph-$mode trainer.micro_batch=32 trainer.steps=${GRAPH_STEPS:-120} trainer.eval_every=0 trainer.ckpt_every=0 tracking.enabled=false trainer.cuda_graph=$mode > "$OUT/trainer-graph-$mode.log" 2>&1
+                 echo "cuda_graph=$mode exit $?" | tee -a "$LOG"
+                 python3 - "$mode" <<'PY' 2>&1 | tee -a "$LOG"
+import json, statistics, sys
+recs = [json.loads(l) for l in open(f"/tmp/graph-{sys.argv[1]}/train_log.jsonl") if "perf/tokens_per_s" in l]
+tail = [r["perf/tokens_per_s"] for r in recs if r["step"] > 20]  # after warm-up, compilation and capture
+print(f"cuda_graph={sys.argv[1]}: steps {len(recs)}, median {statistics.median(tail) / 1e3:.1f}k tokens/s over steps 21-{recs[-1]['step']}, final ce {recs[-1]['train/ce']:.4f}")
+PY
+               done ;;
     tests-rerun) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -k "model_fp32 or bf16_training or cuda_graph or host_sync or agree" -v -rA --tb=short -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed|fp32 |bf16 " | tail -40 | tee -a "$LOG" ;;
     telemetry) timeout 200 python3 -m pytest tests/test_telemetry_gpu.py -m gpu -v -rs --tb=short -p no:logging --timeout 150 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -30 | tee -a "$LOG" ;;
     overhead) timeout 240 python3 benchmarks/logging_overhead.py --device cuda --data runs/devdata/gb/regulatory_ensembl_train_subsample.tsv --out "$OUT/logging_overhead_h100.json" 2>&1 | tail -8 | tee -a "$LOG" ;;
@@ -61,7 +84,8 @@ for stage in "$@"; do
     eager) bench 200 --comba-precision autocast --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     compiled) bench 330 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     graphed) bench 400 --comba-precision autocast --compile --cuda-graph --warmup 3 --steps 20 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
-    budget) bench 200 --batch 150 --comba-precision autocast --compile --activation-budget 0.5 --warmup 3 --steps 10 2>&1 | grep -v TileLang | tail -4 | tee -a "$LOG" ;;
+    budget) bench 400 --batch 150 --comba-precision autocast --compile --activation-budget 0.5 --warmup 3 --steps 10 > "$OUT/budget.log" 2>&1
+            echo "budget exit $?" | tee -a "$LOG"; grep -v TileLang "$OUT/budget.log" | tail -4 | tee -a "$LOG" ;;
     pretrain) timeout 60 python3 -m crossdna.cli shard build --config configs/shard/chr20.yaml --out /tmp/chr20-shards --quiet fasta="$CROSSDNA_CHR20_FASTA" 2>&1 | tail -2 | tee -a "$LOG"
               start=$(date +%s)
               timeout 560 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=$RUN > "$OUT/pretrain.log" 2>&1
