@@ -80,7 +80,7 @@ PY
     tests-rerun) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -k "model_fp32 or bf16_training or cuda_graph or host_sync or agree" -v -rA --tb=short -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed|fp32 |bf16 " | tail -40 | tee -a "$LOG" ;;
     telemetry) timeout 200 python3 -m pytest tests/test_telemetry_gpu.py -m gpu -v -rs --tb=short -p no:logging --timeout 150 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -30 | tee -a "$LOG" ;;
     overhead) timeout 240 python3 benchmarks/logging_overhead.py --device cuda --data runs/devdata/gb/regulatory_ensembl_train_subsample.tsv --out "$OUT/logging_overhead_h100.json" 2>&1 | tail -8 | tee -a "$LOG" ;;
-    kernels) timeout 200 python3 benchmarks/kernels_bench.py "$OUT" 2>&1 | grep -v -i "warn\|tilelang" | tail -12 | tee -a "$LOG" ;;
+    kernels) timeout "${KERNELS_TIMEOUT:-540}" python3 benchmarks/kernels_bench.py "$OUT" 2>&1 | grep -v -i "warn\|tilelang" | tail -12 | tee -a "$LOG" ;;
     eager) bench 200 --comba-precision autocast --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     compiled) bench 330 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     graphed) bench 400 --comba-precision autocast --compile --cuda-graph --warmup 3 --steps 20 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;

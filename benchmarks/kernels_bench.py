@@ -77,20 +77,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=150)
     args = parser.parse_args()
     rows = []
-    cases = [lambda: comba_case(args.batch, torch.float32), lambda: comba_case(args.batch, torch.bfloat16)]
-    cases += [lambda k=k: attention_case(args.batch, k) for k in ("flex", "fla", "sdpa", "sdpa_causal_nowindow")]
+    # Attention first: cold Triton autotuning of the Comba kernels takes minutes, and the file is rewritten after
+    # every case, so a run cut short by a time limit still reports what it measured.
+    cases = [lambda k=k: attention_case(args.batch, k) for k in ("flex", "fla", "sdpa", "sdpa_causal_nowindow")]
+    cases += [lambda: comba_case(args.batch, torch.bfloat16), lambda: comba_case(args.batch, torch.float32)]
+    report = {"benchmark": "kernels", **environment(), "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"kernels_{report['device'].replace('NVIDIA ', '').split()[0].lower()}.json"
     for case in cases:
         try:
             rows.append(case())
         except Exception as e:  # one failing variant must not hide the others
             rows.append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
         print(json.dumps(rows[-1]), flush=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
     fused.set_swa_kernel("flex")
-    report = {"benchmark": "kernels", **environment(), "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = report["device"].replace("NVIDIA ", "").split()[0].lower()
-    (out / f"kernels_{slug}.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
