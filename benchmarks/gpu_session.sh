@@ -11,6 +11,7 @@
 #   tests-graphs the captured steps: finetuning, the pretraining trainer and the pretraining benchmark's capture
 #   tests-precision  the bf16-vs-fp32 training test alone (four 200-step runs, ~5 min)
 #   precision    benchmarks/precision_curves.py: fp32 and bf16 training, three seeds each, six processes at once
+#   graph-b150   launcher.train on the 8m demo config as it is (B=150, captured by default): exit code, GPU memory
 #   trainer-graph  launcher.train on the 8m demo config at B=32, compiled, cuda_graph=off then auto (tokens/s)
 #   tests-rerun  the slower of those only: full model vs float64, bf16 vs fp32 training, CUDA graph, host syncs
 #   telemetry    pytest -m gpu tests/test_telemetry_gpu.py (needs install-mlflow)
@@ -66,6 +67,11 @@ for stage in "$@"; do
                done; done
                wait
                tail -qn 1 /tmp/precision-*.log | tee -a "$LOG" ;;
+    graph-b150) timeout 60 python3 -m crossdna.cli shard build --config configs/shard/chr20.yaml --out /tmp/chr20-shards --quiet fasta="$CROSSDNA_CHR20_FASTA" 2>&1 | tail -2 | tee -a "$LOG"
+               nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > /tmp/gpumem.txt &
+               timeout 420 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=/tmp/graph-b150 trainer.steps=${GRAPH_STEPS:-40} trainer.eval_every=0 trainer.ckpt_every=0 tracking.enabled=false > "$OUT/graph-b150.log" 2>&1
+               echo "B=150 captured exit $?; GPU memory used at most $(sort -n /tmp/gpumem.txt | tail -1) MiB" | tee -a "$LOG"; kill %1
+               grep -E "captured|replayed|step +[0-9]+/|Error" "$OUT/graph-b150.log" | tail -4 | tee -a "$LOG" ;;
     trainer-graph) timeout 60 python3 -m crossdna.cli shard build --config configs/shard/chr20.yaml --out /tmp/chr20-shards --quiet fasta="$CROSSDNA_CHR20_FASTA" 2>&1 | tail -2 | tee -a "$LOG"
                for mode in off auto; do  # the 8m demo config at B=32, compiled: eager steps, then captured
                  timeout 280 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=/tmp/graph-$mode trainer.micro_batch=32 trainer.steps=${GRAPH_STEPS:-120} trainer.eval_every=0 trainer.ckpt_every=0 tracking.enabled=false trainer.cuda_graph=$mode > "$OUT/trainer-graph-$mode.log" 2>&1
