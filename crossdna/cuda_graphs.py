@@ -3,8 +3,10 @@
 A replay launches no Python, autograd bookkeeping or per-kernel work on the host, which is what bounds a step whose
 kernels are small: finetuning at ~100 bp (about 10k launches per step), pretraining at batch 32. A step can be
 captured when it has no host syncs and no data-dependent control flow: its optimizer keeps the step counter and the
-learning rate on the device (``capturable=True``, a tensor ``lr``), and it ends with ``zero_grad(set_to_none=True)``
-so that each replay's backward writes the gradients afresh.
+learning rate on the device (``capturable=True``, a tensor ``lr``). Gradients must live at the addresses the
+capture recorded: a step that includes the optimizer ends with ``zero_grad(set_to_none=True)`` (each replay's
+backward writes them afresh, in the graph's pool); a graph of forward + backward alone, whose gradients the host
+reads before a second graph steps the optimizer (the pretraining trainer), zeroes them in place instead.
 """
 from __future__ import annotations
 

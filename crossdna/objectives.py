@@ -73,6 +73,11 @@ def gate_weight(step: int, freeze_steps: int, cfg: ObjectiveConfig) -> float:
     return linear_warmup(step - freeze_steps, cfg.gate_sup_warmup_steps, cfg.gate_sup_weight)
 
 
+def loss_weights(step: int, freeze_steps: int, cfg: ObjectiveConfig) -> tuple[float, float]:
+    """(w_sem, w_gate) of the optimizer step ``step``."""
+    return sem_weight(step, cfg), gate_weight(step, freeze_steps, cfg)
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -153,13 +158,13 @@ def pretrain_loss(out: PretrainOutput, labels: torch.Tensor, loss_mask: torch.Te
                   weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossTerms:
     """labels: clean ids [B,L] (0..4); loss_mask: bool [B,L] (scored positions); step: the optimizer step.
 
-    ``weights``: (w_sem, w_gate) as device tensors holding ``sem_weight(step)`` and ``gate_weight(step)``, for a
-    step captured as a CUDA graph (a float would be baked into the capture; the caller refills the tensors)."""
+    ``weights``: (w_sem, w_gate) as device tensors holding ``loss_weights(step, ...)``, for a step captured as a
+    CUDA graph (a float would be baked into the capture; the caller refills the tensors)."""
     cfg = cfg or ObjectiveConfig()
     ce = masked_cross_entropy(out.logits, labels, loss_mask)
     zero = ce.new_zeros(())
 
-    w_sem = sem_weight(step, cfg) if weights is None else weights[0]
+    w_sem, w_gate = loss_weights(step, out.gate_freeze_steps, cfg) if weights is None else weights
     if out.target_a is not None and out.target_b is not None:
         per_block = [
             semantic_preservation(fa, ta, cfg) + semantic_preservation(fb, tb, cfg)
@@ -169,7 +174,6 @@ def pretrain_loss(out: PretrainOutput, labels: torch.Tensor, loss_mask: torch.Te
     else:
         sem = zero
 
-    w_gate = gate_weight(step, out.gate_freeze_steps, cfg) if weights is None else weights[1]
     if cfg.gate_sup_weight > 0 and step >= out.gate_freeze_steps:
         if out.gate_frozen or out.gate_logits is None:
             raise ValueError(f"gate supervision is active at step {step} but the forward froze the gate "

@@ -97,17 +97,13 @@ class TrainConfig:
         if not self.data.path:
             raise ValueError("data.path: the shard manifest (or its directory) is required")
         if self.trainer.cuda_graph == "on":
-            if not capturable_model(self.model):
+            if self.model.compat.forward_counts_steps:
                 raise ValueError("trainer.cuda_graph: 'on' needs model.compat.gate_step=optimizer and "
                                  "model.compat.ema_update_in_forward=false (upstream's counters change the "
                                  "forward's work from step to step on the host)")
             if self.fault.nonfinite_step >= 0:
                 raise ValueError("trainer.cuda_graph: 'on' cannot inject fault.nonfinite_step (a captured step "
                                  "repeats its first step's work)")
-
-
-def capturable_model(model: CrossDNAConfig) -> bool:
-    return model.compat.gate_step == "optimizer" and not model.compat.ema_update_in_forward
 
 
 def uses_cuda_graph(cfg: TrainConfig, env: DistEnv) -> bool:
@@ -118,7 +114,8 @@ def uses_cuda_graph(cfg: TrainConfig, env: DistEnv) -> bool:
             raise ValueError(f"trainer.cuda_graph: 'on' needs a CUDA device, this rank runs on {env.device}")
         return True
     return (mode == "auto" and env.device.type == "cuda" and env.world_size == 1
-            and cfg.trainer.strategy == "ddp" and capturable_model(cfg.model) and cfg.fault.nonfinite_step < 0)
+            and cfg.trainer.strategy == "ddp" and not cfg.model.compat.forward_counts_steps
+            and cfg.fault.nonfinite_step < 0)
 
 
 def _expand_model_preset(data: dict[str, Any], where: str) -> dict[str, Any]:

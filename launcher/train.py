@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 
 from crossdna import ops
 from crossdna.config import config_hash, dump_yaml, to_dict
+from crossdna.cuda_graphs import GraphedStep
 from crossdna.data import EvalStream, PretrainStream
 from crossdna.model import SSScanDNAHybridModel
 from crossdna.model.compile import compile_model
-from crossdna.cuda_graphs import GraphedStep
-from crossdna.objectives import gate_weight, pretrain_loss, sem_weight
+from crossdna.objectives import loss_weights, pretrain_loss
 from launcher.checkpoint import CheckpointManager
 from launcher.config import TrainConfig, load_train_config, uses_cuda_graph
 from launcher.distributed import DistEnv, derive_seed, init_distributed, seed_everything, shutdown
@@ -151,7 +151,8 @@ class Trainer:
             engine.set_grad_sync(micro == t.grad_accum - 1)
             inputs = {k: batch[k].to(env.device, non_blocking=True) for k in ("input_ids", "labels", "loss_mask")}
             if isinstance(self._micro_step, GraphedStep):
-                for weight, value in zip(self._weights, self._loss_weights()):
+                for weight, value in zip(self._weights, loss_weights(self.step, self.cfg.model.gate_freeze_steps,
+                                                                     self.cfg.objective)):
                     weight.fill_(value)
                 terms = self._micro_step(inputs, phase=engine.model.gate_frozen())
             else:
@@ -162,10 +163,6 @@ class Trainer:
             local[_INDEX_SQ] += (index * index).sum()
         local[:_GRAD_NORM] /= t.grad_accum
         return local, inputs["input_ids"].shape[1], data_wait
-
-    def _loss_weights(self) -> tuple[float, float]:
-        obj = self.cfg.objective
-        return sem_weight(self.step, obj), gate_weight(self.step, self.cfg.model.gate_freeze_steps, obj)
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One micro-batch's forward, losses and backward: the loss terms and metrics as one tensor (TERMS +

@@ -67,12 +67,10 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def uses_cuda_graph(train_cfg: TrainConfig, device: torch.device, backbone: nn.Module) -> bool:
-    """Capture needs fixed shapes and a forward without host-side state: upstream's forward-counted gate step and
-    EMA update in the forward (compat switches) change per call what a replay would repeat."""
+    """Capture needs fixed shapes and a forward without host-side state (``CompatConfig.forward_counts_steps``)."""
     compat = getattr(getattr(backbone, "cfg", None), "compat", None)
-    stateful = compat is not None and (compat.gate_step == "forward_count" or compat.ema_update_in_forward)
     return (train_cfg.cuda_graph == "auto" and device.type == "cuda" and train_cfg.pad_to == "max_length"
-            and not stateful)
+            and not (compat is not None and compat.forward_counts_steps))
 
 
 def warmup_cosine(total_steps: int, warmup_fraction: float, min_ratio: float) -> Callable[[int], float]:

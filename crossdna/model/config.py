@@ -92,6 +92,12 @@ class CompatConfig:
     # residual branches of every SWA block (rates per layer as upstream expands the list).
     apply_drop_path: bool = False
 
+    @property
+    def forward_counts_steps(self) -> bool:
+        """Upstream's counters: each training forward moves g_step or the EMA teacher, so two forwards of one batch
+        differ in what they do; a CUDA graph, which repeats its captured forward, cannot follow them."""
+        return self.gate_step == "forward_count" or self.ema_update_in_forward
+
     @classmethod
     def upstream(cls) -> "CompatConfig":
         """Every switch on its upstream behaviour (for faithful reproduction and checkpoint parity tests)."""
