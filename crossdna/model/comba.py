@@ -5,6 +5,7 @@ import contextlib
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from crossdna import ops
@@ -14,13 +15,14 @@ from .swa import RMSNorm
 
 
 class ShortConvolution(nn.Conv1d):
-    """Causal depthwise conv (weight [D,1,K], no bias), SiLU after; keyed like fla's ``ShortConvolution``."""
+    """Causal depthwise conv taps (weight [D,1,K], no bias), keyed like fla's ``ShortConvolution``. The layer applies
+    the q, k and v taps together, with SiLU, inside ``ops.comba_inputs``; nn.Conv1d's own forward is not causal."""
 
     def __init__(self, hidden_size: int, kernel_size: int):
         super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size, padding=kernel_size - 1, bias=False)
 
-    def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:  # [B,T,D]
-        return ops.short_conv(x, self.weight, activation=True, backend=backend)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("ShortConvolution holds taps only: Comba applies them through crossdna.ops.comba_inputs")
 
 
 class GatedRMSNorm(RMSNorm):
@@ -35,7 +37,8 @@ class Comba(nn.Module):
     ``cfg.precision == "autocast"``.
 
     q̃,k̃,v = SiLU(causal dwconv(x·W)); p̃ = σ(decay)·k̃; q̂ = q̃ − D·p̃; β = σ(x·Wb); g = −exp(A_log)·softplus(x·Wa + dt_bias);
-    o = Comba(l2(q̂), l2(k̃), v, l2(p̃), g, β); y = RMSNorm(o)·σ(x·Wg) per head; out = y·Wo.
+    o = Comba(l2(q̂), l2(k̃), v, l2(p̃), g, β); y = RMSNorm(o)·σ(x·Wg) per head; out = y·Wo. The first line and the
+    L2 norms are ``ops.comba_inputs``.
     """
 
     def __init__(self, d_model: int, cfg: CombaConfig):
@@ -77,16 +80,16 @@ class Comba(nn.Module):
             if fp32:
                 x = x.to(self.q_proj.weight.dtype)
             B, T, _ = x.shape
-            q = self.q_conv1d(self.q_proj(x), backend).view(B, T, cfg.num_heads, cfg.head_dim)
-            k = self.k_conv1d(self.k_proj(x), backend).view(B, T, cfg.num_heads, cfg.head_dim)
-            v = self.v_conv1d(self.v_proj(x), backend).view(B, T, cfg.num_heads, cfg.head_v_dim)
-            # In k's dtype, so that the kernel's inputs leave this layer in one dtype (no extra casting pass).
-            p = k * torch.sigmoid(self.decay).to(k.dtype)[:, None]
-            q = q - self.D.to(k.dtype)[:, None] * p
+            # q, k, v as one projection and one input-stage kernel: x is read once, the three convolutions, the
+            # correction and the L2 norms run in one pass (the kernel then skips its own L2 norm).
+            qkv = F.linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+            taps = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight])[:, 0]
+            q, k, v, p = ops.comba_inputs(qkv, taps, torch.sigmoid(self.decay), self.D, cfg.num_heads,
+                                          cfg.head_v_dim, backend=backend)
             beta = torch.sigmoid(self.b_proj(x))
-            g = -self.A_log.float().exp() * nn.functional.softplus(self.a_proj(x).float() + self.dt_bias)
+            g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
             o = ops.comba(q, k, v, p, g, beta, scale=cfg.head_dim ** -0.5, chunk_size=cfg.chunk_size,
-                          use_qk_l2norm=True, backend=backend)
+                          use_qk_l2norm=False, backend=backend)
             gate = self.g_proj(x).view(B, T, cfg.num_heads, cfg.head_v_dim)
             o = self.o_norm(o, gate, backend).reshape(B, T, -1)
             return self.o_proj(o)

@@ -11,10 +11,11 @@ Each op dispatches on a backend name:
 Ops and layouts (flash-attn/fla layout, time before heads):
 
 * ``comba(q, k, v, p, g, beta, scale, chunk_size, use_qk_l2norm)``: q,k,p [B,T,H,K], v [B,T,H,V], g,beta [B,T,H]
+* ``comba_inputs(qkv, weight, decay_gate, correction, num_heads, head_v_dim)``: [B,T,H·(2K+V)] projections →
+  the kernel's q, k, v, p (short convs, SiLU, correction, L2 norms), weight [H·(2K+V), conv taps]
 * ``swa(q, k, v, window, scale)``: [B,l,H,d], causal window i − window < j ≤ i
 * ``rotary(q, k, base)``: NeoX rotate-half RoPE at positions 0..l−1
-* ``rms_norm(x, weight, eps)``, ``gated_rms_norm(x, gate, weight, eps)``, ``swiglu(gate, up)``,
-  ``short_conv(x, weight, activation)``: [B,T,D], causal depthwise, weight [D,1,K]
+* ``rms_norm(x, weight, eps)``, ``gated_rms_norm(x, gate, weight, eps)``, ``swiglu(gate, up)``: [B,T,D]
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ BACKENDS = ("auto", "reference", "fused")
 _REGISTRY: dict[str, dict[str, Callable]] = {
     "reference": {
         "comba": _comba.chunk_comba,
+        "comba_inputs": _comba.comba_inputs,
         "swa": attention.sliding_window_attention,
         "rotary": attention.rotary,
         "rms_norm": pointwise.rms_norm,
         "gated_rms_norm": pointwise.gated_rms_norm,
         "swiglu": pointwise.swiglu,
-        "short_conv": pointwise.short_conv,
     }
 }
 _fused_probe: str | None = None  # None: not tried yet; "" : available; otherwise why it is not
@@ -109,6 +110,10 @@ def comba(q, k, v, p, g, beta, scale=None, chunk_size=64, use_qk_l2norm=True, *,
     return _impl("comba", backend, q.device)(q, k, v, p, g, beta, scale, chunk_size, use_qk_l2norm)
 
 
+def comba_inputs(qkv, weight, decay_gate, correction, num_heads, head_v_dim, *, backend="auto"):
+    return _impl("comba_inputs", backend, qkv.device)(qkv, weight, decay_gate, correction, num_heads, head_v_dim)
+
+
 def swa(q, k, v, window, scale=None, *, backend="auto"):
     return _impl("swa", backend, q.device)(q, k, v, window, scale)
 
@@ -127,7 +132,3 @@ def gated_rms_norm(x, gate, weight, eps, *, backend="auto"):
 
 def swiglu(gate, up, *, backend="auto"):
     return _impl("swiglu", backend, gate.device)(gate, up)
-
-
-def short_conv(x, weight, activation=True, *, backend="auto"):
-    return _impl("short_conv", backend, x.device)(x, weight, activation)

@@ -36,6 +36,39 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def comba_inputs(
+    qkv: torch.Tensor,
+    weight: torch.Tensor,
+    decay_gate: torch.Tensor,
+    correction: torch.Tensor,
+    num_heads: int,
+    head_v_dim: int,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Comba's input stage, from the three projections to the kernel's inputs (spec §2.4).
+
+    qkv [B,T,H·(2K+V)] (q, k, v projections side by side), weight [H·(2K+V), C] (the three causal depthwise
+    convs' taps), decay_gate = σ(decay) [H], correction = D [H] →
+
+        q̃, k̃, v = SiLU(causal conv(qkv)),  p = σ(decay)·k̃,  q̂ = q̃ − D·p,  q = l2(q̂), k = l2(k̃), p = l2(p)
+
+    each [B,T,H,·] in qkv's dtype, computed in fp32 (l2 as fla's in-kernel norm: x / √(‖x‖² + eps)). The
+    Comba kernel then takes them with ``use_qk_l2norm=False``.
+    """
+    B, T, channels = qkv.shape
+    kernel = weight.shape[-1]
+    K = (channels // num_heads - head_v_dim) // 2
+    dt = _compute_dtype(qkv.dtype)
+    y = F.conv1d(qkv.to(dt).transpose(1, 2), weight.to(dt)[:, None, :], padding=kernel - 1, groups=channels)
+    y = F.silu(y[..., :T].transpose(1, 2))
+    q, k, v = y.split([num_heads * K, num_heads * K, num_heads * head_v_dim], dim=-1)
+    q, k, v = q.view(B, T, num_heads, K), k.view(B, T, num_heads, K), v.view(B, T, num_heads, head_v_dim)
+    p = k * decay_gate.to(dt)[:, None]
+    q = q - correction.to(dt)[:, None] * p
+    q, k, p = (l2_normalize(x, eps) for x in (q, k, p))
+    return q.to(qkv.dtype), k.to(qkv.dtype), v.to(qkv.dtype), p.to(qkv.dtype)
+
+
 def _prepare(q, k, v, p, g, beta, use_qk_l2norm: bool):
     dt = _compute_dtype(q.dtype)
     q, k, v, p, g, beta = (x.to(dt) for x in (q, k, v, p, g, beta))

@@ -9,9 +9,11 @@ nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reas
   128×128 tiles; a causal kernel computes 36, a dense mask 64), fla's ``parallel_attn(window_size=…)``, or SDPA
   with a dense band mask; :func:`set_swa_kernel` picks one. Flex is the default because inductor compiles it into
   the layer's graph; all three pass the same parity tests (docs/performance.md).
-* ``short_conv``, ``rms_norm``, ``gated_rms_norm``, ``swiglu``, ``rotary``: plain PyTorch written so that
-  ``torch.compile`` fuses each of them with its neighbours (the causal depthwise conv as K shifted products
-  instead of a cuDNN call, which inductor cannot fuse); in eager mode they are the reference ops.
+* ``comba_inputs``: Comba's input stage (three causal depthwise convs, SiLU, the q-correction, the L2 norms of q,
+  k, p) as one Triton kernel each way (``crossdna/ops/comba_inputs_triton.py``); ``comba`` then runs without
+  fla's own L2-norm passes.
+* ``rms_norm``, ``gated_rms_norm``, ``swiglu``, ``rotary``: the reference formulas, which ``torch.compile`` fuses
+  with their neighbours.
 
 The broken combination of fla issue #640 (Hopper + Triton ≥ 3.4.0 and < 3.7.1: wrong gradients from the gated
 ``chunk_bwd_dqkwg`` unless fla routes it to its tilelang kernel) is detected here with fla's own predicates, so
@@ -23,9 +25,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from . import attention as _attention
+from . import comba_inputs_triton as _comba_inputs
 from . import pointwise as _pointwise
 from . import register_backend
 
@@ -150,26 +152,10 @@ def swa(q, k, v, window, scale=None):
     return o.transpose(1, 2)
 
 
-# ---------------------------------------------------------------------------------------------- pointwise
-def short_conv(x, weight, activation=True):
-    """Causal depthwise conv + SiLU. Under torch.compile: Σ_j w_j·x_{t−K+1+j}, which inductor fuses with the SiLU,
-    the q-correction and the casts around it (a cuDNN conv is an opaque call); in eager mode: the cuDNN reference."""
-    if not torch.compiler.is_compiling():
-        return _pointwise.short_conv(x, weight, activation)
-    length, kernel = x.shape[1], weight.shape[-1]
-    padded = F.pad(x, (0, 0, kernel - 1, 0))
-    w = weight[:, 0, :]
-    y = padded[:, 0:length] * w[:, 0]
-    for j in range(1, kernel):
-        y = y + padded[:, j:j + length] * w[:, j]
-    y = y.to(x.dtype)
-    return F.silu(y) if activation else y
-
-
 OPS = {
     "comba": comba,
     "swa": swa,
-    "short_conv": short_conv,
+    "comba_inputs": _comba_inputs.comba_inputs,
     # The reference formulas are already what inductor fuses best; named here so the backend is explicit.
     "rotary": _attention.rotary,
     "rms_norm": _pointwise.rms_norm,
