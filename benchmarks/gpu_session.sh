@@ -20,6 +20,7 @@
 #   kernels      benchmarks/kernels_bench.py (Comba and attention floors at B=150)
 #   eager        crossdna bench train-step, eager, bf16 Comba (with a profile)
 #   compiled     the same with torch.compile
+#   inputs-bench benchmarks/comba_inputs_bench.py: the Comba input-stage kernels per tile size, against their floors
 #   b150         compiled, B=150 alone, with a profile (BENCH_TAG names the result file)
 #   base-b150    the same on the source tree in .gpu/base (e.g. `git archive` of an earlier commit): a baseline
 #                measured on the same machine
@@ -96,6 +97,7 @@ PY
     eager) bench 200 --comba-precision autocast --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     compiled) bench 330 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     graphed) bench 400 --comba-precision autocast --compile --cuda-graph --warmup 3 --steps 20 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
+    inputs-bench) timeout 200 python3 benchmarks/comba_inputs_bench.py "$OUT" 2>&1 | tail -8 | tee -a "$LOG" ;;
     b150) bench 400 --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     base-b150) (cd .gpu/base && PYTHONPATH=/tmp/site:$PWD timeout 400 python3 -m crossdna.cli bench train-step --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT" --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 --tag base_b150_compile) 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     budget) bench 400 --batch 150 --comba-precision autocast --compile --activation-budget 0.5 --warmup 3 --steps 10 > "$OUT/budget.log" 2>&1
