@@ -24,9 +24,10 @@ import triton.language as tl
 # The op namespace follows the module's name: an HF export carries a flat copy of this module, and both copies can
 # be imported into one process.
 _NS = __name__.replace(".", "_")
-_BT_FWD = 32      # tokens per program of the forward and of the backward's chain kernel
-_BT_BWD = 32      # tokens per tile of the conv backward
-_BC_BWD = 64      # channels per program of the conv backward
+# Tile shapes, chosen by benchmarks/comba_inputs_bench.py on an H200 at B = 150 (comba_inputs_h200.json).
+FWD_TILE = {"BT": 64, "num_warps": 4}                 # tokens per program, one head
+CHAIN_TILE = {"BT": 64, "num_warps": 4}               # the backward's per-token chain: tokens per program
+CONV_TILE = {"BT": 32, "BC": 64, "num_warps": 4}      # the conv backward: tokens per tile, channels per program
 _T_SPLIT = 256    # tokens per conv-backward program (its tiles run in a loop and share one partial sum)
 
 
@@ -128,7 +129,9 @@ def _conv_bwd_kernel(X, W, DY, DX, DW, T, stride_b, stride_t,
     taps = tl.arange(0, KCP)
     row0 = i_b.to(tl.int64) * stride_b
     dy0 = i_b.to(tl.int64) * T * C
-    acc = tl.zeros([BC, KCP], dtype=tl.float32)
+    # dw products accumulate per token and tap; the sum over tokens is taken once, at the end (a cross-warp
+    # reduction per tile and tap cost more than the loads).
+    acc = tl.zeros([BT, BC, KCP], dtype=tl.float32)
     for t0 in range(i_s * TS, tl.minimum(i_s * TS + TS, T), BT):
         t = t0 + tl.arange(0, BT)
         dy = tl.load(DY + dy0 + t[:, None] * C + ch[None, :], mask=(t < T)[:, None] & cok[None, :],
@@ -139,7 +142,7 @@ def _conv_bwd_kernel(X, W, DY, DX, DW, T, stride_b, stride_t,
             ok = (src >= 0) & (src < T)
             x = tl.load(X + row0 + src[:, None] * stride_t + ch[None, :], mask=ok[:, None] & cok[None, :],
                         other=0.0).to(tl.float32)
-            acc += tl.where(taps[None, :] == j, tl.sum(dy * x, axis=0)[:, None], 0.0)
+            acc += tl.where(taps[None, None, :] == j, (dy * x)[:, :, None], 0.0)
             dst = t + (KC - 1) - j                     # dx: output dst reads input t through tap j
             g = tl.load(DY + dy0 + dst[:, None] * C + ch[None, :], mask=(dst < T)[:, None] & cok[None, :],
                         other=0.0).to(tl.float32)
@@ -147,7 +150,7 @@ def _conv_bwd_kernel(X, W, DY, DX, DW, T, stride_b, stride_t,
         tl.store(DX + dy0 + t[:, None] * C + ch[None, :], dx.to(DX.dtype.element_ty),
                  mask=(t < T)[:, None] & cok[None, :])
     part = i_b * tl.num_programs(0) + i_s
-    tl.store(DW + part.to(tl.int64) * C * KC + ch[:, None] * KC + taps[None, :], acc,
+    tl.store(DW + part.to(tl.int64) * C * KC + ch[:, None] * KC + taps[None, :], tl.sum(acc, axis=0),
              mask=cok[:, None] & (taps[None, :] < KC))
 
 
@@ -174,10 +177,10 @@ def comba_inputs(qkv: torch.Tensor, weight: torch.Tensor, decay_gate: torch.Tens
     B, T, _ = qkv.shape
     q, k, p = (qkv.new_empty(B, T, num_heads, head_k) for _ in range(3))
     v = qkv.new_empty(B, T, num_heads, head_v_dim)
-    grid = (triton.cdiv(T, _BT_FWD), num_heads, B)
+    grid = (triton.cdiv(T, FWD_TILE["BT"]), num_heads, B)
     _fwd_kernel[grid](qkv, weight.float().contiguous(), decay_gate.float().contiguous(),
                       correction.float().contiguous(), q, k, v, p, T, qkv.stride(0), qkv.stride(1),
-                      num_heads, head_k, head_v_dim, weight.shape[-1], _BT_FWD, eps, num_warps=4)
+                      num_heads, head_k, head_v_dim, weight.shape[-1], EPS=eps, **FWD_TILE)
     return q, k, v, p
 
 
@@ -196,24 +199,36 @@ def comba_inputs_backward(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: to
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of qkv, weight, decay_gate and correction."""
     head_k = _check(qkv, weight, num_heads, head_v_dim)
-    B, T, C = qkv.shape
-    kernel = weight.shape[-1]
     w, sd, dc = weight.float().contiguous(), decay_gate.float().contiguous(), correction.float().contiguous()
-    n_tiles = triton.cdiv(T, _BT_FWD)
+    grads = [g.contiguous() for g in (grad_q, grad_k, grad_v, grad_p)]
+    dy, dsd, ddc = chain_backward(grads, qkv, w, sd, dc, num_heads, head_k, head_v_dim, eps)
+    grad_qkv, dw = conv_backward(dy, qkv, w)
+    return (grad_qkv, dw.to(weight.dtype), dsd.to(decay_gate.dtype), ddc.to(correction.dtype))
+
+
+def chain_backward(grads, qkv, w, sd, dc, num_heads, head_k, head_v_dim, eps):
+    """The gradient at the conv outputs [B, T, C] and those of σ(decay) and D (fp32 [H])."""
+    B, T, C = qkv.shape
+    n_tiles = triton.cdiv(T, CHAIN_TILE["BT"])
     dy = torch.empty(B, T, C, dtype=qkv.dtype, device=qkv.device)
     dsd = torch.empty(B * n_tiles, num_heads, dtype=torch.float32, device=qkv.device)
     ddc = torch.empty_like(dsd)
-    grads = [g.contiguous() for g in (grad_q, grad_k, grad_v, grad_p)]
     _chain_bwd_kernel[(n_tiles, num_heads, B)](qkv, w, sd, dc, *grads, dy, dsd, ddc, T, qkv.stride(0), qkv.stride(1),
-                                               num_heads, head_k, head_v_dim, kernel, _BT_FWD, eps, num_warps=4)
+                                               num_heads, head_k, head_v_dim, w.shape[-1], EPS=eps, **CHAIN_TILE)
+    return dy, dsd.sum(0), ddc.sum(0)
+
+
+def conv_backward(dy, qkv, w):
+    """The causal depthwise conv's input gradient [B, T, C] and weight gradient (fp32 [C, taps])."""
+    B, T, C = qkv.shape
+    kernel = w.shape[-1]
     n_split = triton.cdiv(T, _T_SPLIT)
     grad_qkv = torch.empty(B, T, C, dtype=qkv.dtype, device=qkv.device)
     dw = torch.empty(B * n_split, C, kernel, dtype=torch.float32, device=qkv.device)
-    _conv_bwd_kernel[(n_split, triton.cdiv(C, _BC_BWD), B)](
+    _conv_bwd_kernel[(n_split, triton.cdiv(C, CONV_TILE["BC"]), B)](
         qkv, w, dy, grad_qkv, dw, T, qkv.stride(0), qkv.stride(1), C, kernel, triton.next_power_of_2(kernel),
-        _BT_BWD, _BC_BWD, _T_SPLIT, num_warps=4)
-    return (grad_qkv, dw.sum(0).to(weight.dtype), dsd.sum(0).to(decay_gate.dtype),
-            ddc.sum(0).to(correction.dtype))
+        TS=_T_SPLIT, **CONV_TILE)
+    return grad_qkv, dw.sum(0)
 
 
 @comba_inputs_backward.register_fake
