@@ -26,8 +26,8 @@ import triton.language as tl
 _NS = __name__.replace(".", "_")
 # Tile shapes, chosen by benchmarks/comba_inputs_bench.py on an H200 at B = 150 (comba_inputs_h200.json).
 FWD_TILE = {"BT": 64, "num_warps": 4}                 # tokens per program, one head
-CHAIN_TILE = {"BT": 64, "num_warps": 4}               # the backward's per-token chain: tokens per program
-CONV_TILE = {"BT": 32, "BC": 64, "num_warps": 4}      # the conv backward: tokens per tile, channels per program
+CHAIN_TILE = {"BT": 32, "num_warps": 2}               # the backward's per-token chain: tokens per program
+CONV_TILE = {"BT": 32, "BC": 32, "num_warps": 2}      # the conv backward: tokens per tile, channels per program
 _T_SPLIT = 256    # tokens per conv-backward program (its tiles run in a loop and share one partial sum)
 
 
