@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from crossdna import ops
 
 
 class TokenBridge(nn.Module):
@@ -39,12 +42,16 @@ class TokenBridge(nn.Module):
         self.normB = nn.LayerNorm(d)
 
     @staticmethod
-    def _context(x: torch.Tensor, convs: nn.ModuleList, mix: nn.Conv1d) -> torch.Tensor:
-        xt = x.transpose(1, 2)
-        return mix(torch.cat([conv(xt) for conv in convs], dim=1)).transpose(1, 2)
+    def _context(x: torch.Tensor, convs: nn.ModuleList, mix: nn.Conv1d, backend: str) -> torch.Tensor:
+        """Channel-last: the convs' outputs stacked as [B, L, dilation, d] are the 1×1 mix's input channels in
+        upstream's concatenation order, so the mix is a GEMM on them."""
+        weight = torch.stack([conv.weight[:, 0] for conv in convs])
+        ctx = ops.dilated_dwconv(x, weight, tuple(conv.dilation[0] for conv in convs), backend=backend)
+        return F.linear(ctx.flatten(2), mix.weight[:, :, 0], mix.bias)
 
-    def forward(self, xA: torch.Tensor, xB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        locA = self.proj_B2A(xB + self._context(xB, self.dw_B, self.mix_B)) + self.glb_B2A(xB.mean(1, keepdim=True))
-        locB = self.proj_A2B(xA + self._context(xA, self.dw_A, self.mix_A)) + self.glb_A2B(xA.mean(1, keepdim=True))
+    def forward(self, xA: torch.Tensor, xB: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        ctxB, ctxA = self._context(xB, self.dw_B, self.mix_B, backend), self._context(xA, self.dw_A, self.mix_A, backend)
+        locA = self.proj_B2A(xB + ctxB) + self.glb_B2A(xB.mean(1, keepdim=True))
+        locB = self.proj_A2B(xA + ctxA) + self.glb_A2B(xA.mean(1, keepdim=True))
         gA, gB = torch.sigmoid(self.gate(torch.cat([xA, xB, xA - xB, xA * xB], dim=-1))).chunk(2, dim=-1)
         return self.normA(xA + self.dropout(gA * locA)), self.normB(xB + self.dropout(gB * locB))

@@ -274,7 +274,7 @@ class SSScanDNAHybridModel(nn.Module):
         h_a = self._per_block(g, odd, h_a, h_a.flip(1))
         h_b = self._per_block(g, odd, h_b.flip(1), h_b)
         if self.bridge is not None:
-            h_a, h_b = self.bridge(h_a, h_b)
+            h_a, h_b = self.bridge(h_a, h_b, backend)
         fa, fb = self.proj_A(h_a), self.proj_B(h_b)
         if frozen:
             gate_logits = None
@@ -309,7 +309,7 @@ class SSScanDNAHybridModel(nn.Module):
             t_a = torch.cat([t_a[:n], t_a[n:].flip(1)], dim=0)
             t_b = torch.cat([t_b[:n], t_b[n:].flip(1)], dim=0)
             if bridge is not None:
-                t_a, t_b = bridge(t_a, t_b)
+                t_a, t_b = bridge(t_a, t_b, backend)
         plus_a, minus_a = t_a[:n], t_a[n:]
         plus_b, minus_b = t_b[:n], t_b[n:]
         return self._per_block(g, odd, plus_a, minus_a), self._per_block(g, odd, minus_b, plus_b)

@@ -13,6 +13,8 @@ Ops and layouts (flash-attn/fla layout, time before heads):
 * ``comba(q, k, v, p, g, beta, scale, chunk_size, use_qk_l2norm)``: q,k,p [B,T,H,K], v [B,T,H,V], g,beta [B,T,H]
 * ``comba_inputs(qkv, weight, decay_gate, correction, num_heads, head_v_dim)``: [B,T,H·(2K+V)] projections →
   the kernel's q, k, v, p (short convs, SiLU, correction, L2 norms), weight [H·(2K+V), conv taps]
+* ``dilated_dwconv(x, weight, dilations)``: x [B,T,C], weight [N,C,K] → [B,T,N,C], centred depthwise convs (the
+  TokenBridge's context)
 * ``swa(q, k, v, window, scale)``: [B,l,H,d], causal window i − window < j ≤ i
 * ``rotary(q, k, base)``: NeoX rotate-half RoPE at positions 0..l−1
 * ``rms_norm(x, weight, eps)``, ``gated_rms_norm(x, gate, weight, eps)``, ``swiglu(gate, up)``: [B,T,D]
@@ -25,7 +27,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from . import attention, comba as _comba, pointwise
+from . import attention, comba as _comba, dwconv, pointwise
 
 BACKENDS = ("auto", "reference", "fused")
 
@@ -33,6 +35,7 @@ _REGISTRY: dict[str, dict[str, Callable]] = {
     "reference": {
         "comba": _comba.chunk_comba,
         "comba_inputs": _comba.comba_inputs,
+        "dilated_dwconv": dwconv.dilated_dwconv,
         "swa": attention.sliding_window_attention,
         "rotary": attention.rotary,
         "rms_norm": pointwise.rms_norm,
@@ -112,6 +115,10 @@ def comba(q, k, v, p, g, beta, scale=None, chunk_size=64, use_qk_l2norm=True, *,
 
 def comba_inputs(qkv, weight, decay_gate, correction, num_heads, head_v_dim, *, backend="auto"):
     return _impl("comba_inputs", backend, qkv.device)(qkv, weight, decay_gate, correction, num_heads, head_v_dim)
+
+
+def dilated_dwconv(x, weight, dilations, *, backend="auto"):
+    return _impl("dilated_dwconv", backend, x.device)(x, weight, dilations)
 
 
 def swa(q, k, v, window, scale=None, *, backend="auto"):

@@ -24,7 +24,7 @@ import triton.language as tl
 # The op namespace follows the module's name: an HF export carries a flat copy of this module, and both copies can
 # be imported into one process.
 _NS = __name__.replace(".", "_")
-# Tile shapes, chosen by benchmarks/comba_inputs_bench.py on an H200 at B = 150 (comba_inputs_h200.json).
+# Tile shapes, chosen by benchmarks/triton_tiles_bench.py on an H200 at B = 150 (results/triton_tiles_h200.json).
 FWD_TILE = {"BT": 64, "num_warps": 4}                 # tokens per program, one head
 CHAIN_TILE = {"BT": 32, "num_warps": 2}               # the backward's per-token chain: tokens per program
 CONV_TILE = {"BT": 32, "BC": 32, "num_warps": 2}      # the conv backward: tokens per tile, channels per program
@@ -44,7 +44,7 @@ def _conv_silu(X, W, row0, t, T, stride_t, ch, KC: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(X, W, SD, DC, Q, K, V, P, T, stride_b, stride_t,
+def _inputs_fwd_kernel(X, W, SD, DC, Q, K, V, P, T, stride_b, stride_t,
                 H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr,
                 EPS: tl.constexpr):
     i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -77,7 +77,7 @@ def _l2_bwd(x, g, EPS: tl.constexpr):
 
 
 @triton.jit
-def _chain_bwd_kernel(X, W, SD, DC, GQ, GK, GV, GP, DY, DSD, DDC, T, stride_b, stride_t,
+def _inputs_chain_bwd_kernel(X, W, SD, DC, GQ, GK, GV, GP, DY, DSD, DDC, T, stride_b, stride_t,
                       H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr,
                       EPS: tl.constexpr):
     """Recompute the forward at a tile of tokens, apply the chain L2 norm → correction → SiLU and store the
@@ -118,7 +118,7 @@ def _chain_bwd_kernel(X, W, SD, DC, GQ, GK, GV, GP, DY, DSD, DDC, T, stride_b, s
 
 
 @triton.jit
-def _conv_bwd_kernel(X, W, DY, DX, DW, T, stride_b, stride_t,
+def _inputs_conv_bwd_kernel(X, W, DY, DX, DW, T, stride_b, stride_t,
                      C: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                      TS: tl.constexpr):
     """The causal depthwise conv's backward over TS tokens × BC channels: dx[t] = Σ_s w[KC − 1 − s]·dy[t + s]
@@ -178,7 +178,7 @@ def comba_inputs(qkv: torch.Tensor, weight: torch.Tensor, decay_gate: torch.Tens
     q, k, p = (qkv.new_empty(B, T, num_heads, head_k) for _ in range(3))
     v = qkv.new_empty(B, T, num_heads, head_v_dim)
     grid = (triton.cdiv(T, FWD_TILE["BT"]), num_heads, B)
-    _fwd_kernel[grid](qkv, weight.float().contiguous(), decay_gate.float().contiguous(),
+    _inputs_fwd_kernel[grid](qkv, weight.float().contiguous(), decay_gate.float().contiguous(),
                       correction.float().contiguous(), q, k, v, p, T, qkv.stride(0), qkv.stride(1),
                       num_heads, head_k, head_v_dim, weight.shape[-1], EPS=eps, **FWD_TILE)
     return q, k, v, p
@@ -213,7 +213,7 @@ def chain_backward(grads, qkv, w, sd, dc, num_heads, head_k, head_v_dim, eps):
     dy = torch.empty(B, T, C, dtype=qkv.dtype, device=qkv.device)
     dsd = torch.empty(B * n_tiles, num_heads, dtype=torch.float32, device=qkv.device)
     ddc = torch.empty_like(dsd)
-    _chain_bwd_kernel[(n_tiles, num_heads, B)](qkv, w, sd, dc, *grads, dy, dsd, ddc, T, qkv.stride(0), qkv.stride(1),
+    _inputs_chain_bwd_kernel[(n_tiles, num_heads, B)](qkv, w, sd, dc, *grads, dy, dsd, ddc, T, qkv.stride(0), qkv.stride(1),
                                                num_heads, head_k, head_v_dim, w.shape[-1], EPS=eps, **CHAIN_TILE)
     return dy, dsd.sum(0), ddc.sum(0)
 
@@ -225,7 +225,7 @@ def conv_backward(dy, qkv, w):
     n_split = triton.cdiv(T, _T_SPLIT)
     grad_qkv = torch.empty(B, T, C, dtype=qkv.dtype, device=qkv.device)
     dw = torch.empty(B * n_split, C, kernel, dtype=torch.float32, device=qkv.device)
-    _conv_bwd_kernel[(n_split, triton.cdiv(C, CONV_TILE["BC"]), B)](
+    _inputs_conv_bwd_kernel[(n_split, triton.cdiv(C, CONV_TILE["BC"]), B)](
         qkv, w, dy, grad_qkv, dw, T, qkv.stride(0), qkv.stride(1), C, kernel, triton.next_power_of_2(kernel),
         TS=_T_SPLIT, **CONV_TILE)
     return grad_qkv, dw.sum(0)

@@ -12,6 +12,8 @@ nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reas
 * ``comba_inputs``: Comba's input stage (three causal depthwise convs, SiLU, the q-correction, the L2 norms of q,
   k, p) as one Triton kernel each way (``crossdna/ops/comba_inputs_triton.py``); ``comba`` then runs without
   fla's own L2-norm passes.
+* ``dilated_dwconv``: the TokenBridge's five dilated depthwise convs, channel-last, one Triton kernel forward and
+  two backward (``crossdna/ops/dwconv_triton.py``).
 * ``rms_norm``, ``gated_rms_norm``, ``swiglu``, ``rotary``: the reference formulas, which ``torch.compile`` fuses
   with their neighbours.
 
@@ -28,6 +30,7 @@ import torch
 
 from . import attention as _attention
 from . import comba_inputs_triton as _comba_inputs
+from . import dwconv_triton as _dwconv
 from . import pointwise as _pointwise
 from . import register_backend
 
@@ -156,6 +159,7 @@ OPS = {
     "comba": comba,
     "swa": swa,
     "comba_inputs": _comba_inputs.comba_inputs,
+    "dilated_dwconv": _dwconv.dilated_dwconv,
     # The reference formulas are already what inductor fuses best; named here so the backend is explicit.
     "rotary": _attention.rotary,
     "rms_norm": _pointwise.rms_norm,

@@ -1,9 +1,10 @@
-"""Comba's input-stage kernels (crossdna/ops/comba_inputs_triton.py) at the 8.1M model's B = 150 shape, per tile
-configuration (tokens and channels per program, warps), each kernel on its own, against its byte floor (each tensor
-read once, written once) at the copy bandwidth measured here. Writes ``comba_inputs_<device>.json``; the module's
-tile dicts are set from its ``best``.
+"""The project's Triton kernels at the 8.1M model's B = 150 shapes, per tile configuration (tokens and channels per
+program, warps), each kernel on its own, against its byte floor (each tensor read once, written once) at the copy
+bandwidth measured here: Comba's input stage (crossdna/ops/comba_inputs_triton.py) and the TokenBridge's dilated
+depthwise convs (crossdna/ops/dwconv_triton.py). Writes ``triton_tiles_<device>.json``; the modules' tile dicts are
+left at the fastest, which is what the modules' defaults are set from.
 
-    python benchmarks/comba_inputs_bench.py OUT_DIR
+    python benchmarks/triton_tiles_bench.py OUT_DIR
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ import triton
 from triton.testing import do_bench
 
 from crossdna.ops import comba_inputs_triton as kernels
+from crossdna.ops import dwconv_triton
 from launcher.run_tags import git_state
 
 B, T, H, K, V, TAPS = 150, 1024, 8, 64, 64, 4
+D, DILATIONS, BRIDGE_K = 512, (1, 2, 4, 8, 16), 9
 
 
 def _sweep(tile: dict, options: dict, run, floor_ms: float, label: str) -> list[dict]:
@@ -62,17 +65,36 @@ def main(out: Path) -> None:
     }
     backward = do_bench(lambda: kernels.comba_inputs_backward(*grads, qkv, weight, sd, dc, H, V, 1e-6),
                         return_mode="median")
-    print(f"backward at the best tiles: {backward:.3f} ms (floor without the intermediate "
+    print(f"comba_inputs backward at the best tiles: {backward:.3f} ms (floor without the intermediate "
           f"{floor(2 * nbytes + 4 * nbytes // 3):.3f})", flush=True)
-    result = {"benchmark": "comba_inputs", "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    x = torch.randn(B, T, D, device=dev, dtype=dt)
+    w = torch.randn(len(DILATIONS), D, BRIDGE_K, device=dev) * 0.3
+    ctx_grad = torch.randn(B, T, len(DILATIONS), D, device=dev, dtype=dt)
+    xb, n = x.numel() * x.element_size(), len(DILATIONS)
+    tiles = {"BT": (16, 32, 64), "BC": (32, 64, 128), "num_warps": (2, 4)}
+    wf = w.float().contiguous()
+    sweeps["bridge_forward"] = _sweep(dwconv_triton.FWD_TILE, tiles,
+                                      lambda: dwconv_triton.dilated_dwconv(x, w, DILATIONS),
+                                      floor((1 + n) * xb), "bridge forward")
+    sweeps["bridge_dx"] = _sweep(dwconv_triton.DX_TILE, tiles,
+                                 lambda: dwconv_triton.input_grad(ctx_grad, wf, DILATIONS, dt),
+                                 floor((n + 1) * xb), "bridge dx")
+    sweeps["bridge_dw"] = _sweep(dwconv_triton.DW_TILE, tiles,
+                                 lambda: dwconv_triton.weight_grad(ctx_grad, x, DILATIONS, BRIDGE_K),
+                                 floor((n + 1) * xb), "bridge dw")
+    result = {"benchmark": "triton_tiles", "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "device": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__, "triton": triton.__version__},
-              "shape": {"B": B, "T": T, "H": H, "K": K, "V": V, "taps": TAPS, "dtype": "bfloat16"},
+              "shapes": {"comba_inputs": {"B": B, "T": T, "H": H, "K": K, "V": V, "taps": TAPS},
+                         "dilated_dwconv": {"B": B, "T": T, "C": D, "K": BRIDGE_K, "dilations": DILATIONS},
+                         "dtype": "bfloat16"},
               "copy_bandwidth_tb_s": bandwidth, "sweeps": sweeps,
-              "best": {"forward": kernels.FWD_TILE, "chain": kernels.CHAIN_TILE, "conv": kernels.CONV_TILE},
-              "backward_ms_at_best": backward}
+              "best": {"comba_inputs": {"forward": kernels.FWD_TILE, "chain": kernels.CHAIN_TILE, "conv": kernels.CONV_TILE},
+                       "dilated_dwconv": {"forward": dwconv_triton.FWD_TILE, "dx": dwconv_triton.DX_TILE,
+                                          "dw": dwconv_triton.DW_TILE}},
+              "comba_inputs_backward_ms_at_best": backward}
     result["git_sha"], result["git_dirty"] = git_state()
     name = torch.cuda.get_device_name().split()[1].lower()
-    (out / f"comba_inputs_{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"triton_tiles_{name}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
