@@ -15,9 +15,9 @@ import triton.language as tl
 
 _NS = __name__.replace(".", "_")  # an HF export's flat copy registers its own ops
 # Tile shapes (tokens × channels per program), chosen by benchmarks/triton_tiles_bench.py on an H200 at B = 150.
-FWD_TILE = {"BT": 32, "BC": 64, "num_warps": 4}
-DX_TILE = {"BT": 32, "BC": 64, "num_warps": 4}
-DW_TILE = {"BT": 32, "BC": 64, "num_warps": 4}
+FWD_TILE = {"BT": 32, "BC": 64, "num_warps": 2}
+DX_TILE = {"BT": 16, "BC": 128, "num_warps": 4}
+DW_TILE = {"BT": 64, "BC": 64, "num_warps": 4}
 _T_SPLIT = 256    # tokens per weight-gradient program
 
 
