@@ -3,24 +3,15 @@
 Errors are relative L2 norms against a float64 reference."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from crossdna.ops.comba import chunk_comba, comba_inputs, l2_normalize
 
-from tests.conftest import REPO
+from tests.kernel_checks import rel, run_interpreted
 
 CUDA = torch.cuda.is_available()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _inputs(B, T, H, K, V, taps, seed=0, pad=0, device="cpu"):
@@ -117,10 +108,7 @@ def test_triton_kernels_match_reference_interpreted():
             # other tile shapes: the benchmark may choose any of them
             "k.FWD_TILE['BT'] = k.CHAIN_TILE['BT'] = 128; k.CONV_TILE.update(BT=16, BC=128);"
             "f += c('cpu', torch.float32, CASES[:1]); print('\\n'.join(f)); sys.exit(1 if f else 0)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_interpreted(code)
 
 
 @pytest.mark.gpu

@@ -3,24 +3,15 @@ upstream builds them, and the Triton kernels (crossdna/ops/dwconv_triton.py) aga
 Triton's interpreter, on a GPU compiled. Errors are relative L2 norms against a float64 reference."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
 
 from crossdna.ops.dwconv import dilated_dwconv
 
-from tests.conftest import REPO
+from tests.kernel_checks import rel, run_interpreted
 
 CUDA = torch.cuda.is_available()
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def test_reference_is_upstreams_conv_stack():
@@ -77,10 +68,7 @@ def test_triton_kernels_match_reference_interpreted():
             "from crossdna.ops import dwconv_triton as k; f = c('cpu', torch.float32, CASES);"
             "k.FWD_TILE.update(BT=16, BC=16); k.DX_TILE.update(BT=64, BC=16); k.DW_TILE.update(BT=16, BC=32);"
             "f += c('cpu', torch.float32, CASES[:2]); print('\\n'.join(f)); sys.exit(1 if f else 0)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_interpreted(code)
 
 
 @pytest.mark.gpu

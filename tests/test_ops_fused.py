@@ -19,15 +19,11 @@ from crossdna import ops
 from crossdna.model import CrossDNAConfig, SSScanDNAHybridModel
 
 from tests.conftest import SHARED_DATA
+from tests.kernel_checks import rel
 
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the fused kernels are Triton/tilelang)")
 reference_comba = importlib.import_module("crossdna.ops.comba").chunk_comba
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture

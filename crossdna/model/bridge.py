@@ -50,7 +50,8 @@ class TokenBridge(nn.Module):
         return F.linear(ctx.flatten(2), mix.weight[:, :, 0], mix.bias)
 
     def forward(self, xA: torch.Tensor, xB: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        ctxB, ctxA = self._context(xB, self.dw_B, self.mix_B, backend), self._context(xA, self.dw_A, self.mix_A, backend)
+        ctxB = self._context(xB, self.dw_B, self.mix_B, backend)
+        ctxA = self._context(xA, self.dw_A, self.mix_A, backend)
         locA = self.proj_B2A(xB + ctxB) + self.glb_B2A(xB.mean(1, keepdim=True))
         locB = self.proj_A2B(xA + ctxA) + self.glb_A2B(xA.mean(1, keepdim=True))
         gA, gB = torch.sigmoid(self.gate(torch.cat([xA, xB, xA - xB, xA * xB], dim=-1))).chunk(2, dim=-1)

@@ -45,8 +45,8 @@ def _conv_silu(X, W, row0, t, T, stride_t, ch, KC: tl.constexpr):
 
 @triton.jit
 def _inputs_fwd_kernel(X, W, SD, DC, Q, K, V, P, T, stride_b, stride_t,
-                H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr,
-                EPS: tl.constexpr):
+                       H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr,
+                       EPS: tl.constexpr):
     i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = i_t * BT + tl.arange(0, BT)
     ck, cv = tl.arange(0, DK), tl.arange(0, DV)
@@ -78,8 +78,8 @@ def _l2_bwd(x, g, EPS: tl.constexpr):
 
 @triton.jit
 def _inputs_chain_bwd_kernel(X, W, SD, DC, GQ, GK, GV, GP, DY, DSD, DDC, T, stride_b, stride_t,
-                      H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr,
-                      EPS: tl.constexpr):
+                             H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KC: tl.constexpr,
+                             BT: tl.constexpr, EPS: tl.constexpr):
     """Recompute the forward at a tile of tokens, apply the chain L2 norm → correction → SiLU and store the
     gradient at the conv outputs (before SiLU) of q, k, v in DY [B, T, C]; the tile's sums of the D and σ(decay)
     gradients go to DDC, DSD [B · tiles, H]."""
@@ -119,8 +119,8 @@ def _inputs_chain_bwd_kernel(X, W, SD, DC, GQ, GK, GV, GP, DY, DSD, DDC, T, stri
 
 @triton.jit
 def _inputs_conv_bwd_kernel(X, W, DY, DX, DW, T, stride_b, stride_t,
-                     C: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                     TS: tl.constexpr):
+                            C: tl.constexpr, KC: tl.constexpr, KCP: tl.constexpr, BT: tl.constexpr,
+                            BC: tl.constexpr, TS: tl.constexpr):
     """The causal depthwise conv's backward over TS tokens × BC channels: dx[t] = Σ_s w[KC − 1 − s]·dy[t + s]
     and this program's partial sum of dw[c, j] = Σ_t dy[t, c]·x[t − KC + 1 + j, c] (DW [B · splits, C, KC])."""
     i_s, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)

@@ -32,7 +32,7 @@ def _dilation(i_n, DILS: tl.constexpr, N: tl.constexpr):
 
 @triton.jit
 def _dwconv_fwd_kernel(X, W, DILS: tl.constexpr, Y, T, stride_b, stride_t,
-                C: tl.constexpr, N: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                       C: tl.constexpr, N: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     i_t, i_c, i_bn = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_n = i_bn // N, i_bn % N
     t = i_t * BT + tl.arange(0, BT)
@@ -53,7 +53,7 @@ def _dwconv_fwd_kernel(X, W, DILS: tl.constexpr, Y, T, stride_b, stride_t,
 
 @triton.jit
 def _dwconv_dx_kernel(W, DILS: tl.constexpr, DY, DX, T,
-               C: tl.constexpr, N: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                      C: tl.constexpr, N: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """dx[t] = Σ_i Σ_j w[i, j]·dy[t − (j − KC//2)·d_i, i]: output t − offset read input t through tap j."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t = i_t * BT + tl.arange(0, BT)
@@ -73,8 +73,8 @@ def _dwconv_dx_kernel(W, DILS: tl.constexpr, DY, DX, T,
 
 @triton.jit
 def _dwconv_dw_kernel(X, DILS: tl.constexpr, DY, DW, T, stride_b, stride_t,
-               C: tl.constexpr, N: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-               TS: tl.constexpr):
+                      C: tl.constexpr, N: tl.constexpr, KC: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                      TS: tl.constexpr):
     """This program's partial sum over TS tokens of dw[i, c, j] = Σ_t dy[t, i, c]·x[t + (j − KC//2)·d_i, c]
     (DW [B · splits, N, C, KC]). One pass over the tokens per tap: the tile stays in cache between passes, and a
     [BT, BC] accumulator per tap costs one multiply-add per product (a tap-indexed 3-D one cost KC)."""
@@ -113,9 +113,8 @@ def _dilated_dwconv(x: torch.Tensor, weight: torch.Tensor, dilations: list[int])
     B, T, C = x.shape
     N, _, K = weight.shape
     y = x.new_empty(B, T, N, C)
-    dil = tuple(dilations)
     grid = (triton.cdiv(T, FWD_TILE["BT"]), triton.cdiv(C, FWD_TILE["BC"]), B * N)
-    _dwconv_fwd_kernel[grid](x, weight.float().contiguous(), dil, y, T, x.stride(0), x.stride(1), C, N, K, **FWD_TILE)
+    _dwconv_fwd_kernel[grid](x, weight.float().contiguous(), tuple(dilations), y, T, x.stride(0), x.stride(1), C, N, K, **FWD_TILE)
     return y
 
 
@@ -130,9 +129,9 @@ def dilated_dwconv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of x ([B, T, C], x's dtype) and weight (its dtype)."""
     _check(x, weight, dilations)
-    grad, w = grad.contiguous(), weight.float().contiguous()
-    dw = weight_grad(grad, x, tuple(dilations), weight.shape[-1])
-    return input_grad(grad, w, tuple(dilations), x.dtype), dw.to(weight.dtype)
+    grad, dilations = grad.contiguous(), tuple(dilations)
+    dx = input_grad(grad, weight.float().contiguous(), dilations, x.dtype)
+    return dx, weight_grad(grad, x, dilations, weight.shape[-1]).to(weight.dtype)
 
 
 def input_grad(grad: torch.Tensor, w: torch.Tensor, dilations: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -149,8 +148,8 @@ def weight_grad(grad: torch.Tensor, x: torch.Tensor, dilations: tuple[int, ...],
     B, T, N, C = grad.shape
     n_split = triton.cdiv(T, _T_SPLIT)
     dw = torch.empty(B * n_split, N, C, kernel, dtype=torch.float32, device=x.device)
-    _dwconv_dw_kernel[(n_split, triton.cdiv(C, DW_TILE["BC"]), B * N)](x, dilations, grad, dw, T, x.stride(0), x.stride(1),
-                                                                C, N, kernel, TS=_T_SPLIT, **DW_TILE)
+    grid = (n_split, triton.cdiv(C, DW_TILE["BC"]), B * N)
+    _dwconv_dw_kernel[grid](x, dilations, grad, dw, T, x.stride(0), x.stride(1), C, N, kernel, TS=_T_SPLIT, **DW_TILE)
     return dw.sum(0)
 
 
