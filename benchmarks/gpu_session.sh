@@ -8,7 +8,7 @@
 #   install-b    z3-solver (.gpu/tlb), which tilelang needs (split off: the carry limit is 64 MiB per call)
 #   install-mlflow  mlflow-skinny and its deps (.gpu/mlflow)
 #   tests        pytest -m gpu tests/test_ops_fused.py tests/test_model_gpu.py
-#   tests-inputs our Triton kernels (Comba input stage, bridge convs) against the reference, the fused layer/model
+#   tests-inputs our Triton kernels (Comba input stage and WY inverse, bridge convs) against the reference, the fused layer/model
 #                parity, no host syncs
 #   tests-graphs the captured steps: finetuning, the pretraining trainer and the pretraining benchmark's capture
 #   tests-precision  the bf16-vs-fp32 training test alone (four 200-step runs, ~5 min)
@@ -63,7 +63,7 @@ for stage in "$@"; do
                python3 -c "import torch, triton, fla, tilelang; from crossdna.ops import fused; print(torch.__version__, triton.__version__, fla.__version__, tilelang.__version__, torch.cuda.get_device_name(0), 'fused unavailable:', repr(fused.UNAVAILABLE))" 2>&1 | tail -3 | tee -a "$LOG" ;;
     install-mlflow) pip_install .gpu/mlflow/*.whl 2>&1 | tail -3 | tee -a "$LOG" ;;
     tests) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -v -rs --tb=line -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -60 | tee -a "$LOG" ;;
-    tests-inputs) timeout 400 python3 -m pytest tests/test_ops_comba_inputs.py tests/test_ops_dwconv.py tests/test_ops_fused.py -m gpu -k "${INPUT_TESTS:-on_gpu or layer or model_fp32 or host_sync}" -v -rA --tb=short -p no:logging --timeout 300 > "$OUT/tests-inputs.log" 2>&1
+    tests-inputs) timeout 400 python3 -m pytest tests/test_ops_comba_inputs.py tests/test_ops_comba_wy.py tests/test_ops_dwconv.py tests/test_ops_fused.py -m gpu -k "${INPUT_TESTS:-on_gpu or layer or model_fp32 or host_sync}" -v -rA --tb=short -p no:logging --timeout 300 > "$OUT/tests-inputs.log" 2>&1
                   grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" "$OUT/tests-inputs.log" | tail -30 | tee -a "$LOG" ;;
     tests-graphs) timeout 450 python3 -m pytest tests/test_finetune_gpu.py tests/test_launcher_gpu.py tests/test_ops_fused.py -m gpu -k "${GRAPH_TESTS:-graph or captured}" -v -rA --tb=long -p no:logging --timeout 350 > "$OUT/tests-graphs.log" 2>&1
                   grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" "$OUT/tests-graphs.log" | tail -30 | tee -a "$LOG" ;;

@@ -1,10 +1,13 @@
 """The project's Triton kernels at the 8.1M model's B = 150 shapes, per tile configuration (tokens and channels per
 program, warps), each kernel on its own, against its byte floor (each tensor read once, written once) at the copy
-bandwidth measured here: Comba's input stage (crossdna/ops/comba_inputs_triton.py) and the TokenBridge's dilated
-depthwise convs (crossdna/ops/dwconv_triton.py). Writes ``triton_tiles_<device>.json``; the modules' tile dicts are
-left at the fastest, which is what the modules' defaults are set from.
+bandwidth measured here: Comba's input stage (crossdna/ops/comba_inputs_triton.py), Comba's WY inverse
+(crossdna/ops/comba_wy_triton.py, also against fla's two kernels it replaces, with their difference) and the
+TokenBridge's dilated depthwise convs (crossdna/ops/dwconv_triton.py). Writes ``triton_tiles_<device>.json``; the
+modules' tile dicts are left at the fastest, which is what the modules' defaults are set from.
 
-    python benchmarks/triton_tiles_bench.py OUT_DIR
+    python benchmarks/triton_tiles_bench.py OUT_DIR [comba_inputs wy_inverse dilated_dwconv]
+
+A subset writes ``triton_tiles_<device>_<families>.json``.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import triton
 from triton.testing import do_bench
 
 from crossdna.ops import comba_inputs_triton as kernels
-from crossdna.ops import dwconv_triton
+from crossdna.ops import comba_wy_triton, dwconv_triton
 from launcher.run_tags import git_state
 
 B, T, H, K, V, TAPS = 150, 1024, 8, 64, 64, 4
@@ -39,7 +42,36 @@ def _sweep(tile: dict, options: dict, run, floor_ms: float, label: str) -> list[
     return rows
 
 
-def main(out: Path) -> None:
+def _wy_sweep(floor) -> dict:
+    """Our WY-inverse kernel per tile, and fla's pkt + solve_tril on the same inputs (time and difference)."""
+    from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
+    from fla.ops.comba.wy_fast import chunk_scaled_dot_comba_pkt_fwd
+    from fla.ops.utils import solve_tril
+    from fla.ops.utils.constant import RCP_LN2
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    k, p = (torch.nn.functional.normalize(torch.randn(B, T, H, K, device=dev), dim=-1).to(dt) for _ in range(2))
+    beta = torch.rand(B, T, H, device=dev).to(dt)
+    g0, gam = chunk_comba_cumsum_scalar_fwd(-torch.rand(B, T, H, device=dev) * 0.1, chunk_size=64, scale=RCP_LN2)
+
+    def fla() -> torch.Tensor:
+        return solve_tril(chunk_scaled_dot_comba_pkt_fwd(k=k, p=p, beta=beta, g0=g0, g=gam,
+                                                         output_dtype=torch.float32), output_dtype=dt)
+
+    def ours() -> torch.Tensor:
+        return comba_wy_triton.wy_inverse(k, p, beta, g0, gam)
+
+    nbytes = 3 * k.numel() * k.element_size() + 3 * g0.numel() * 4   # k, p, inverse; β, γ⁰, γ
+    rows = _sweep(comba_wy_triton.WY_TILE, {"num_warps": (1, 2, 4, 8), "DOT": ("ieee", "tf32x3")}, ours,
+                  floor(nbytes), "wy inverse")
+    a, b = ours().double(), fla().double()
+    fla_ms = do_bench(fla, return_mode="median")
+    print(f"fla pkt + solve_tril: {fla_ms:.3f} ms", flush=True)
+    return {"sweeps": {"wy_inverse": rows}, "best": comba_wy_triton.WY_TILE, "shape": {"B": B, "T": T, "H": H, "K": K},
+            "fla_pkt_solve_tril_ms": fla_ms, "rel_difference_to_fla": ((a - b).norm() / b.norm()).item()}
+
+
+def _inputs_sweeps(floor) -> dict:
     dev, dt = torch.device("cuda"), torch.bfloat16
     C = H * (2 * K + V)
     qkv = torch.randn(B, T, C, device=dev, dtype=dt)
@@ -48,10 +80,6 @@ def main(out: Path) -> None:
     grads = [torch.randn(B, T, H, K, device=dev, dtype=dt) for _ in range(4)]
     dy = torch.randn_like(qkv)
     nbytes = qkv.numel() * qkv.element_size()
-    src = torch.empty(2 * 2**30, dtype=torch.uint8, device=dev)
-    copy_ms = do_bench(lambda: src.clone(), return_mode="median")
-    bandwidth = 2 * src.numel() / copy_ms / 1e9            # read + write, bytes per ms → TB/s
-    floor = lambda n: n / bandwidth / 1e9  # noqa: E731
     warps = (2, 4, 8)
     sweeps = {  # byte floors: each tensor read once, written once (p has q's size: 4 outputs = 4/3 of qkv)
         "forward": _sweep(kernels.FWD_TILE, {"BT": (32, 64, 128), "num_warps": warps},
@@ -67,35 +95,55 @@ def main(out: Path) -> None:
                         return_mode="median")
     print(f"comba_inputs backward at the best tiles: {backward:.3f} ms (floor without the intermediate "
           f"{floor(2 * nbytes + 4 * nbytes // 3):.3f})", flush=True)
+    return {"sweeps": sweeps, "best": {"forward": kernels.FWD_TILE, "chain": kernels.CHAIN_TILE,
+                                       "conv": kernels.CONV_TILE},
+            "shape": {"B": B, "T": T, "H": H, "K": K, "V": V, "taps": TAPS}, "backward_ms_at_best": backward}
+
+
+def _bridge_sweeps(floor) -> dict:
+    dev, dt = torch.device("cuda"), torch.bfloat16
     x = torch.randn(B, T, D, device=dev, dtype=dt)
     w = torch.randn(len(DILATIONS), D, BRIDGE_K, device=dev) * 0.3
     ctx_grad = torch.randn(B, T, len(DILATIONS), D, device=dev, dtype=dt)
     xb, n = x.numel() * x.element_size(), len(DILATIONS)
     tiles = {"BT": (16, 32, 64), "BC": (32, 64, 128), "num_warps": (2, 4)}
     wf = w.float().contiguous()
-    sweeps["bridge_forward"] = _sweep(dwconv_triton.FWD_TILE, tiles,
-                                      lambda: dwconv_triton.dilated_dwconv(x, w, DILATIONS),
-                                      floor((1 + n) * xb), "bridge forward")
-    sweeps["bridge_dx"] = _sweep(dwconv_triton.DX_TILE, tiles,
-                                 lambda: dwconv_triton.input_grad(ctx_grad, wf, DILATIONS, dt),
-                                 floor((n + 1) * xb), "bridge dx")
-    sweeps["bridge_dw"] = _sweep(dwconv_triton.DW_TILE, tiles,
-                                 lambda: dwconv_triton.weight_grad(ctx_grad, x, DILATIONS, BRIDGE_K),
-                                 floor((n + 1) * xb), "bridge dw")
+    sweeps = {
+        "forward": _sweep(dwconv_triton.FWD_TILE, tiles, lambda: dwconv_triton.dilated_dwconv(x, w, DILATIONS),
+                          floor((1 + n) * xb), "bridge forward"),
+        "dx": _sweep(dwconv_triton.DX_TILE, tiles, lambda: dwconv_triton.input_grad(ctx_grad, wf, DILATIONS, dt),
+                     floor((n + 1) * xb), "bridge dx"),
+        "dw": _sweep(dwconv_triton.DW_TILE, tiles,
+                     lambda: dwconv_triton.weight_grad(ctx_grad, x, DILATIONS, BRIDGE_K),
+                     floor((n + 1) * xb), "bridge dw"),
+    }
+    return {"sweeps": sweeps, "best": {"forward": dwconv_triton.FWD_TILE, "dx": dwconv_triton.DX_TILE,
+                                       "dw": dwconv_triton.DW_TILE},
+            "shape": {"B": B, "T": T, "C": D, "K": BRIDGE_K, "dilations": DILATIONS}}
+
+
+FAMILIES = {"comba_inputs": _inputs_sweeps, "wy_inverse": _wy_sweep, "dilated_dwconv": _bridge_sweeps}
+
+
+def main(out: Path, families: list[str]) -> None:
+    src = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    copy_ms = do_bench(lambda: src.clone(), return_mode="median")
+    del src
+    bandwidth = 2 * 2 * 2**30 / copy_ms / 1e9            # read + write, bytes per ms → TB/s
+    floor = lambda n: n / bandwidth / 1e9  # noqa: E731
     result = {"benchmark": "triton_tiles", "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "device": torch.cuda.get_device_name(), "versions": {"torch": torch.__version__, "triton": triton.__version__},
-              "shapes": {"comba_inputs": {"B": B, "T": T, "H": H, "K": K, "V": V, "taps": TAPS},
-                         "dilated_dwconv": {"B": B, "T": T, "C": D, "K": BRIDGE_K, "dilations": DILATIONS},
-                         "dtype": "bfloat16"},
-              "copy_bandwidth_tb_s": bandwidth, "sweeps": sweeps,
-              "best": {"comba_inputs": {"forward": kernels.FWD_TILE, "chain": kernels.CHAIN_TILE, "conv": kernels.CONV_TILE},
-                       "dilated_dwconv": {"forward": dwconv_triton.FWD_TILE, "dx": dwconv_triton.DX_TILE,
-                                          "dw": dwconv_triton.DW_TILE}},
-              "comba_inputs_backward_ms_at_best": backward}
+              "device": torch.cuda.get_device_name(),
+              "versions": {"torch": torch.__version__, "triton": triton.__version__}, "dtype": "bfloat16",
+              "copy_bandwidth_tb_s": bandwidth}
+    result.update({name: FAMILIES[name](floor) for name in families})
     result["git_sha"], result["git_dirty"] = git_state()
     name = torch.cuda.get_device_name().split()[1].lower()
-    (out / f"triton_tiles_{name}.json").write_text(json.dumps(result, indent=1))
+    suffix = "" if len(families) == len(FAMILIES) else "_" + "_".join(families)
+    (out / f"triton_tiles_{name}{suffix}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    unknown = set(sys.argv[2:]) - set(FAMILIES)
+    if len(sys.argv) < 2 or unknown:
+        sys.exit(f"usage: triton_tiles_bench.py OUT_DIR [{' '.join(FAMILIES)}] (unknown: {sorted(unknown)})")
+    main(Path(sys.argv[1]), sys.argv[2:] or list(FAMILIES))

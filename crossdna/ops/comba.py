@@ -77,6 +77,37 @@ def _prepare(q, k, v, p, g, beta, use_qk_l2norm: bool):
     return q, k, v, p, g, beta
 
 
+def _decay(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    # e^{a_t − b_s} where kept, 0 elsewhere; masking before exp keeps the unused (growing) entries from overflowing.
+    return torch.exp((a[..., :, None] - b[..., None, :]).masked_fill(~keep, float("-inf")))
+
+
+def _wy_matrix(k, p, beta, gam0, gam) -> torch.Tensor:
+    """M[t,s] = β_t (p_t·k_s) e^{γ⁰_t − γ_s} for s < t, per chunk ([..., C, K] inputs → [..., C, C])."""
+    idx = torch.arange(k.shape[-2], device=k.device)
+    return beta[..., None] * (p @ k.transpose(-1, -2)) * _decay(gam0, gam, idx[:, None] > idx[None, :])
+
+
+def wy_inverse(k: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, chunk_size: int = 64
+               ) -> torch.Tensor:
+    """(I + M)⁻¹ of every chunk, the matrix that turns the chunk's inputs into its WY form. k, p [B,T,H,K],
+    β and g (log decay) [B,T,H], T a multiple of ``chunk_size`` → [B,T,H,C] (row t holds row t mod C of its
+    chunk's inverse: fla's layout), computed in fp32 at least."""
+    B, T, H, K = k.shape
+    C = chunk_size
+    dt = _compute_dtype(k.dtype)
+
+    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B,T,H,...] -> [B,H,N,C,...]
+        return x.to(dt).transpose(1, 2).reshape(B, H, T // C, C, *x.shape[3:])
+
+    k, p, beta, g = map(chunks, (k, p, beta, g))
+    gam = g.cumsum(-1)
+    eye = torch.eye(C, dtype=dt, device=k.device)
+    inv = torch.linalg.solve_triangular(eye + _wy_matrix(k, p, beta, gam - g, gam), eye, upper=False,
+                                        unitriangular=True)
+    return inv.reshape(B, H, T, C).transpose(1, 2)
+
+
 def chunk_comba(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,17 +144,12 @@ def chunk_comba(
     gam0 = gam - g              # exclusive
     idx = torch.arange(C, device=q.device)
     causal = idx[:, None] >= idx[None, :]
-    strict = idx[:, None] > idx[None, :]
 
-    def decay(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        # e^{a_t − b_s} where kept, 0 elsewhere; masking before exp keeps the unused (growing) entries from overflowing.
-        return torch.exp((a[..., :, None] - b[..., None, :]).masked_fill(~keep, float("-inf")))
-
-    m = beta[..., None] * (p @ k.transpose(-1, -2)) * decay(gam0, gam, strict)
+    m = _wy_matrix(k, p, beta, gam0, gam)
     rhs = torch.cat([beta[..., None] * v, (beta * gam0.exp())[..., None] * p], dim=-1)
     uw = torch.linalg.solve_triangular(m, rhs, upper=False, unitriangular=True)
     u0, w = uw[..., :V], uw[..., V:]                          # U = u0 − w S₀
-    qk = (q @ k.transpose(-1, -2)) * decay(gam, gam, causal)
+    qk = (q @ k.transpose(-1, -2)) * _decay(gam, gam, causal)
     q_in = q * gam.exp()[..., None]                            # reads the incoming state
     k_out = k * (gam[..., -1:] - gam).exp()[..., None]         # writes into the outgoing state
     chunk_decay = gam[..., -1].exp()[..., None, None]          # [B,H,N,1,1]

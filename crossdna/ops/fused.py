@@ -2,9 +2,10 @@
 pointwise ops. Importing this module registers the backend when it can run here; otherwise it registers
 nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reason).
 
-* ``comba``: ``fla.ops.comba.chunk_comba`` with the L2 norm of q, k, p inside the kernel. It runs in v's dtype
-  (fp32 by default, as upstream; bf16 when the model lets Comba follow the ambient autocast); g (log decay) is
-  always fp32 and the state accumulates in fp32 inside the kernel either way.
+* ``comba``: fla's chunked Comba kernels, except that the chunk-local WY inverse is our Triton kernel
+  (``crossdna/ops/comba_wy_triton.py``: fla's two kernels for it were a third of fla's forward time). It runs in
+  v's dtype (fp32 by default, as upstream; bf16 when the model lets Comba follow the ambient autocast); g (log
+  decay) is always fp32 and the state accumulates in fp32 inside the kernels either way.
 * ``swa``: FlexAttention with a causal band block mask (at l = 1024, W = 512 the band touches 30 of the 64
   128×128 tiles; a causal kernel computes 36, a dense mask 64), fla's ``parallel_attn(window_size=…)``, or SDPA
   with a dense band mask; :func:`set_swa_kernel` picks one. Flex is the default because inductor compiles it into
@@ -29,7 +30,9 @@ from typing import Callable
 import torch
 
 from . import attention as _attention
+from . import comba as _comba_reference
 from . import comba_inputs_triton as _comba_inputs
+from . import comba_wy_triton as _comba_wy
 from . import dwconv_triton as _dwconv
 from . import pointwise as _pointwise
 from . import register_backend
@@ -82,15 +85,49 @@ def _unavailable_reason() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- Comba
-def comba(q, k, v, p, g, beta, scale=None, chunk_size=64, use_qk_l2norm=True):
-    """fla ``chunk_comba`` in v's dtype. ``chunk_size`` only changes the rounding of the chunked algorithm, not
-    the function, so fla's fixed 64 serves every value."""
-    from fla.ops.comba import chunk_comba
+class _ChunkComba(torch.autograd.Function):
+    """fla's ``chunk_comba`` (no initial or final state, L2 norms done by the caller) with the WY inverse from our
+    kernel: fla's forward builds it with ``chunk_scaled_dot_comba_pkt_fwd`` + ``solve_tril``, the rest is fla's
+    kernels in fla's order, and the backward is fla's ``chunk_comba_bwd`` on the same saved tensors."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, p, g, beta, scale):
+        from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
+        from fla.ops.comba.wy_fast import recompute_w_u_fwd
+        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+        from fla.ops.common.chunk_o import chunk_fwd_o
+        from fla.ops.utils.constant import RCP_LN2
+
+        g0, gam = chunk_comba_cumsum_scalar_fwd(g, chunk_size=_comba_wy.CHUNK, scale=RCP_LN2)
+        inverse = _comba_wy.wy_inverse(k, p, beta, g0, gam)
+        w, u = recompute_w_u_fwd(k=p, v=v, beta=beta, A=inverse, g_cumsum=g0, cu_seqlens=None)
+        h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=gam)
+        o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=gam, scale=scale)
+        ctx.save_for_backward(q, k, v, p, g0, gam, beta, inverse)
+        ctx.scale = scale
+        return o.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        from fla.ops.comba.chunk import chunk_comba_bwd
+
+        q, k, v, p, g0, gam, beta, inverse = ctx.saved_tensors
+        dq, dk, dv, dp, db, dg, _ = chunk_comba_bwd(q=q, k=k, v=v, p=p, g0=g0, g=gam, beta=beta, A=inverse,
+                                                    scale=ctx.scale, initial_state=None, do=do.contiguous(),
+                                                    dht=None)
+        return dq.to(q), dk.to(k), dv.to(v), dp.to(p), dg, db.to(beta), None
+
+
+@torch.compiler.disable  # fla's kernels autotune and dispatch in Python: called as is, as fla's chunk_comba is
+def comba(q, k, v, p, g, beta, scale=None, chunk_size=64, use_qk_l2norm=True):
+    """fla's chunked Comba in v's dtype with our WY-inverse kernel. ``chunk_size`` only changes the rounding of
+    the chunked algorithm, not the function, so fla's fixed 64 serves every value."""
     dtype = v.dtype
-    q, k, p, beta = (x.to(dtype) for x in (q, k, p, beta))
-    o, _ = chunk_comba(q, k, v, p, g.float(), beta, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm)
-    return o
+    if use_qk_l2norm:
+        q, k, p = (_comba_reference.l2_normalize(x) for x in (q, k, p))
+    q, k, p, beta = (x.to(dtype).contiguous() for x in (q, k, p, beta))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _ChunkComba.apply(q, k, v.contiguous(), p, g.float().contiguous(), beta, scale)
 
 
 # ----------------------------------------------------------------------------------- sliding-window attention
