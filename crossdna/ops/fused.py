@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from . import attention as _attention
-from . import comba as _comba_reference
+from .comba import l2_normalize
 from . import comba_inputs_triton as _comba_inputs
 from . import comba_wy_triton as _comba_wy
 from . import dwconv_triton as _dwconv
@@ -124,7 +124,7 @@ def comba(q, k, v, p, g, beta, scale=None, chunk_size=64, use_qk_l2norm=True):
     the chunked algorithm, not the function, so fla's fixed 64 serves every value."""
     dtype = v.dtype
     if use_qk_l2norm:
-        q, k, p = (_comba_reference.l2_normalize(x) for x in (q, k, p))
+        q, k, p = (l2_normalize(x) for x in (q, k, p))
     q, k, p, beta = (x.to(dtype).contiguous() for x in (q, k, p, beta))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _ChunkComba.apply(q, k, v.contiguous(), p, g.float().contiguous(), beta, scale)
