@@ -1,11 +1,11 @@
 """The project's Triton kernels at the 8.1M model's B = 150 shapes, per tile configuration (tokens and channels per
 program, warps), each kernel on its own, against its byte floor (each tensor read once, written once) at the copy
-bandwidth measured here: Comba's input stage (crossdna/ops/comba_inputs_triton.py), Comba's WY inverse
-(crossdna/ops/comba_wy_triton.py, also against fla's two kernels it replaces, with their difference) and the
+bandwidth measured here: Comba's input stage (crossdna/ops/comba_inputs_triton.py), Comba's WY form
+(crossdna/ops/comba_wy_triton.py, also against fla's three kernels it replaces, with their difference) and the
 TokenBridge's dilated depthwise convs (crossdna/ops/dwconv_triton.py). Writes ``triton_tiles_<device>.json``; the
 modules' tile dicts are left at the fastest, which is what the modules' defaults are set from.
 
-    python benchmarks/triton_tiles_bench.py OUT_DIR [comba_inputs wy_inverse dilated_dwconv]
+    python benchmarks/triton_tiles_bench.py OUT_DIR [comba_inputs wy_form dilated_dwconv]
 
 A subset writes ``triton_tiles_<device>_<families>.json``.
 """
@@ -43,32 +43,42 @@ def _sweep(tile: dict, options: dict, run, floor_ms: float, label: str) -> list[
 
 
 def _wy_sweep(floor) -> dict:
-    """Our WY-inverse kernel per tile, and fla's pkt + solve_tril on the same inputs (time and difference)."""
+    """Our WY-form kernel per tile (with and without writing the inverse), and fla's pkt + solve_tril +
+    recompute_w_u on the same inputs (time, and the difference of the three outputs)."""
     from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
-    from fla.ops.comba.wy_fast import chunk_scaled_dot_comba_pkt_fwd
+    from fla.ops.comba.wy_fast import chunk_scaled_dot_comba_pkt_fwd, recompute_w_u_fwd
     from fla.ops.utils import solve_tril
     from fla.ops.utils.constant import RCP_LN2
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     k, p = (torch.nn.functional.normalize(torch.randn(B, T, H, K, device=dev), dim=-1).to(dt) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=dev, dtype=dt)
     beta = torch.rand(B, T, H, device=dev).to(dt)
     g0, gam = chunk_comba_cumsum_scalar_fwd(-torch.rand(B, T, H, device=dev) * 0.1, chunk_size=64, scale=RCP_LN2)
 
-    def fla() -> torch.Tensor:
-        return solve_tril(chunk_scaled_dot_comba_pkt_fwd(k=k, p=p, beta=beta, g0=g0, g=gam,
-                                                         output_dtype=torch.float32), output_dtype=dt)
+    def fla() -> tuple[torch.Tensor, ...]:
+        inverse = solve_tril(chunk_scaled_dot_comba_pkt_fwd(k=k, p=p, beta=beta, g0=g0, g=gam,
+                                                            output_dtype=torch.float32), output_dtype=dt)
+        return inverse, *recompute_w_u_fwd(k=p, v=v, beta=beta, A=inverse, g_cumsum=g0, cu_seqlens=None)
 
-    def ours() -> torch.Tensor:
-        return comba_wy_triton.wy_inverse(k, p, beta, g0, gam)
-
-    nbytes = 3 * k.numel() * k.element_size() + 3 * g0.numel() * 4   # k, p, inverse; β, γ⁰, γ
-    rows = _sweep(comba_wy_triton.WY_TILE, {"num_warps": (1, 2, 4, 8), "DOT": ("ieee", "tf32x3")}, ours,
-                  floor(nbytes), "wy inverse")
-    a, b = ours().double(), fla().double()
+    # k, p, v, w, u and (with gradients) the inverse; β, γ⁰, γ
+    qkv_bytes = 5 * k.numel() * k.element_size() + 3 * g0.numel() * 4
+    inverse_bytes = B * T * H * 64 * 2
+    options = {"num_warps": (1, 2, 4, 8), "DOT": ("ieee", "tf32x3")}
+    rows = _sweep(comba_wy_triton.WY_TILE, options, lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam),
+                  floor(qkv_bytes + inverse_bytes), "wy form")
+    no_inverse = do_bench(lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam, keep_inverse=False),
+                          return_mode="median")
     fla_ms = do_bench(fla, return_mode="median")
-    print(f"fla pkt + solve_tril: {fla_ms:.3f} ms", flush=True)
-    return {"sweeps": {"wy_inverse": rows}, "best": comba_wy_triton.WY_TILE, "shape": {"B": B, "T": T, "H": H, "K": K},
-            "fla_pkt_solve_tril_ms": fla_ms, "rel_difference_to_fla": ((a - b).norm() / b.norm()).item()}
+    print(f"without the inverse: {no_inverse:.3f} ms (floor {floor(qkv_bytes):.3f}); fla's three kernels: "
+          f"{fla_ms:.3f} ms", flush=True)
+    ours = comba_wy_triton.wy_form(k, p, v, beta, g0, gam)
+    difference = {name: ((a.double() - b.double()).norm() / b.double().norm()).item()
+                  for name, a, b in zip(("inverse", "w", "u"), ours, fla())}
+    return {"sweeps": {"wy_form": rows}, "best": comba_wy_triton.WY_TILE,
+            "shape": {"B": B, "T": T, "H": H, "K": K, "V": V}, "without_inverse_ms": no_inverse,
+            "without_inverse_floor_ms": floor(qkv_bytes), "fla_pkt_solve_tril_recompute_w_u_ms": fla_ms,
+            "rel_difference_to_fla": difference}
 
 
 def _inputs_sweeps(floor) -> dict:
@@ -122,7 +132,7 @@ def _bridge_sweeps(floor) -> dict:
             "shape": {"B": B, "T": T, "C": D, "K": BRIDGE_K, "dilations": DILATIONS}}
 
 
-FAMILIES = {"comba_inputs": _inputs_sweeps, "wy_inverse": _wy_sweep, "dilated_dwconv": _bridge_sweeps}
+FAMILIES = {"comba_inputs": _inputs_sweeps, "wy_form": _wy_sweep, "dilated_dwconv": _bridge_sweeps}
 
 
 def main(out: Path, families: list[str]) -> None:

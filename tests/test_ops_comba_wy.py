@@ -1,6 +1,6 @@
-"""The chunk-local WY inverse of Comba: the reference (crossdna/ops/comba.py) against its definition, and the Triton
-kernel (crossdna/ops/comba_wy_triton.py) against the reference: on CPU through Triton's interpreter, on a GPU
-compiled and against fla's two kernels it replaces. Errors are relative L2 norms against a float64 reference."""
+"""Comba's chunk-local WY form: the reference (crossdna/ops/comba.py) against its definition, and the Triton kernel
+(crossdna/ops/comba_wy_triton.py) against the reference: on CPU through Triton's interpreter, on a GPU compiled and
+against fla's three kernels it replaces. Errors are relative L2 norms against a float64 reference."""
 from __future__ import annotations
 
 import math
@@ -9,41 +9,45 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossdna.ops.comba import wy_inverse
+from crossdna.ops.comba import wy_form
 
 from tests.kernel_checks import rel, run_interpreted
 
 CUDA = torch.cuda.is_available()
 
 
-def _inputs(B, T, H, K, seed=0, device="cpu"):
-    """Unit-norm k and p as the input stage hands them over, β in (0, 1), small log decays. The layer's p is its k
-    (both are normalised multiples of the same conv output); here p is a perturbed k, so that swapping them shows,
-    and the keys cluster around three directions (as repeated sequence makes them), so that M's powers up to M¹⁵
-    are far from negligible."""
+def _inputs(B, T, H, K, V, seed=0, device="cpu"):
+    """Unit-norm k and p as the input stage hands them over, v, β in (0, 1), small log decays. The layer's p is its
+    k (both are normalised multiples of the same conv output); here p is a perturbed k, so that swapping them
+    shows, and the keys cluster around three directions (as repeated sequence makes them), so that M's powers up
+    to M¹⁵ are far from negligible."""
     gen = torch.Generator().manual_seed(seed)
     directions = torch.randn(3, K, generator=gen, dtype=torch.float64)
     pick = torch.randint(0, 3, (B, T, H), generator=gen)
     k = F.normalize(directions[pick] + 0.3 * torch.randn(B, T, H, K, generator=gen, dtype=torch.float64), dim=-1)
     p = F.normalize(k + 0.3 * torch.randn(B, T, H, K, generator=gen, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
     beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
     g = -torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.3
-    return [x.to(device) for x in (k, p, beta, g)]
+    return [x.to(device) for x in (k, p, v, beta, g)]
 
 
-def test_reference_inverts_the_definition():
-    B, T, H, K, C = 2, 32, 2, 4, 16
-    k, p, beta, g = _inputs(B, T, H, K)
-    inv = wy_inverse(k, p, beta, g, chunk_size=C)
+def test_reference_is_the_definition():
+    B, T, H, K, V, C = 2, 32, 2, 4, 3, 16
+    k, p, v, beta, g = _inputs(B, T, H, K, V)
+    inv, w, u = wy_form(k, p, v, beta, g, chunk_size=C)
+    eye = torch.eye(C, dtype=torch.float64)
     for b, h, n in ((0, 0, 0), (1, 1, 1)):
         rows = slice(n * C, (n + 1) * C)
         gam = g[b, rows, h].cumsum(0)
+        gam0 = gam - g[b, rows, h]
         m = torch.zeros(C, C, dtype=torch.float64)
         for t in range(C):
             for s in range(t):
-                m[t, s] = beta[b, n * C + t, h] * (p[b, n * C + t, h] @ k[b, n * C + s, h]) * math.exp(
-                    gam[t] - g[b, n * C + t, h] - gam[s])
-        assert rel(inv[b, rows, h] @ (torch.eye(C, dtype=torch.float64) + m), torch.eye(C, dtype=torch.float64)) < 1e-13
+                m[t, s] = beta[b, n * C + t, h] * (p[b, n * C + t, h] @ k[b, n * C + s, h]) * math.exp(gam0[t] - gam[s])
+        assert rel(inv[b, rows, h] @ (eye + m), eye) < 1e-13
+        assert rel((eye + m) @ w[b, rows, h], (beta[b, rows, h] * gam0.exp())[:, None] * p[b, rows, h]) < 1e-13
+        assert rel((eye + m) @ u[b, rows, h], beta[b, rows, h, None] * v[b, rows, h]) < 1e-13
 
 
 def _log2_cumsums(g: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,29 +59,36 @@ def _log2_cumsums(g: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch
 
 
 def check_triton_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]:
-    """Ragged T is checked against the reference on zero-padded inputs: M is lower triangular, so the inverse of a
-    chunk's leading rows is the leading block of the padded chunk's inverse."""
-    from crossdna.ops.comba_wy_triton import wy_inverse as triton_wy_inverse
+    """Ragged T is checked against the reference on zero-padded inputs: M is lower triangular, so the leading rows of
+    a padded chunk's inverse, w and u are those of the chunk's leading rows."""
+    from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
 
     tol = 2e-6 if dtype == torch.float32 else 1e-2
     failures = []
-    for B, T, H, K in cases:
-        k, p, beta, g = (x.to(dtype).double() if i < 3 else x for i, x in enumerate(_inputs(B, T, H, K)))
+    for B, T, H, K, V in cases:
+        k, p, v, beta, g = (x.to(dtype).double() if i < 4 else x for i, x in enumerate(_inputs(B, T, H, K, V)))
         pad = (-T) % 64
-        padded = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (k, p, beta, g)]
-        want = wy_inverse(*padded)[:, :T]
+        padded = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (k, p, v, beta, g)]
+        want = [x[:, :T] for x in wy_form(*padded)]
         g0, gam = _log2_cumsums(g)
-        got = triton_wy_inverse(*(x.to(device, dtype) for x in (k, p, beta)), g0.float().to(device),
-                                gam.float().to(device))
-        err = rel(got.cpu(), want)
-        if got.dtype != dtype or got.shape != want.shape or not err < tol:
-            failures.append(f"{(B, T, H, K)} {dtype}: {got.dtype} {tuple(got.shape)}, rel {err:.2e} (tol {tol:.0e})")
+        args = [x.to(device, dtype) for x in (k, p, v, beta)] + [g0.float().to(device), gam.float().to(device)]
+        for keep in (True, False):
+            got = triton_wy_form(*args, keep_inverse=keep)
+            if not keep and got[0] is not None:
+                failures.append(f"{(B, T, H, K, V)} {dtype}: an inverse without keep_inverse")
+            for name, x, ref in zip(("inverse", "w", "u"), got, want):
+                if x is None:
+                    continue
+                err = rel(x.cpu(), ref)
+                if x.dtype != dtype or x.shape != ref.shape or not err < tol:
+                    failures.append(f"{(B, T, H, K, V)} {dtype} keep_inverse={keep} {name}: {x.dtype} "
+                                    f"{tuple(x.shape)}, rel {err:.2e} (tol {tol:.0e})")
     return failures
 
 
-CASES = [  # B, T, H, K
-    (2, 128, 3, 16),
-    (1, 100, 2, 32),     # a ragged last chunk that ends inside its third 16-row block
+CASES = [  # B, T, H, K, V
+    (2, 128, 3, 16, 32),
+    (1, 100, 2, 32, 16),     # a ragged last chunk that ends inside its third 16-row block
 ]
 
 
@@ -94,21 +105,24 @@ def test_triton_kernel_matches_reference_interpreted():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernel_matches_reference_and_fla_on_gpu(dtype):
     """At the 8.1M model's shape (8 heads of 64, 1024 tokens) and a ragged one; and against fla's
-    chunk_scaled_dot_comba_pkt_fwd + solve_tril on the same inputs (in fp32 fla builds M with TF32 dots)."""
-    failures = check_triton_against_reference("cuda", dtype, [*CASES, (3, 1024, 8, 64), (2, 300, 8, 64)])
+    chunk_scaled_dot_comba_pkt_fwd + solve_tril + recompute_w_u_fwd on the same inputs (in fp32 fla builds M and w
+    with TF32 dots)."""
+    failures = check_triton_against_reference("cuda", dtype, [*CASES, (3, 1024, 8, 64, 64), (2, 300, 8, 64, 64)])
     assert not failures, "\n".join(failures)
 
     from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
-    from fla.ops.comba.wy_fast import chunk_scaled_dot_comba_pkt_fwd
+    from fla.ops.comba.wy_fast import chunk_scaled_dot_comba_pkt_fwd, recompute_w_u_fwd
     from fla.ops.utils import solve_tril
     from fla.ops.utils.constant import RCP_LN2
 
-    from crossdna.ops.comba_wy_triton import wy_inverse as triton_wy_inverse
+    from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
 
-    k, p, beta, g = (x.to("cuda", dtype) if i < 3 else x.float().cuda() for i, x in
-                     enumerate(_inputs(3, 1024, 8, 64, seed=2)))
+    k, p, v, beta, g = (x.to("cuda", dtype) if i < 4 else x.float().cuda() for i, x in
+                        enumerate(_inputs(3, 1024, 8, 64, 64, seed=2)))
     g0, gam = chunk_comba_cumsum_scalar_fwd(g, chunk_size=64, scale=RCP_LN2)
-    fla_inv = solve_tril(chunk_scaled_dot_comba_pkt_fwd(k=k, p=p, beta=beta, g0=g0, g=gam,
+    inverse = solve_tril(chunk_scaled_dot_comba_pkt_fwd(k=k, p=p, beta=beta, g0=g0, g=gam,
                                                         output_dtype=torch.float32), output_dtype=dtype)
-    ours = triton_wy_inverse(k, p, beta, g0, gam)
-    assert rel(ours, fla_inv) < (5e-3 if dtype == torch.float32 else 1e-2)
+    w, u = recompute_w_u_fwd(k=p, v=v, beta=beta, A=inverse, g_cumsum=g0, cu_seqlens=None)
+    tol = 5e-3 if dtype == torch.float32 else 1e-2
+    for name, ours, theirs in zip(("inverse", "w", "u"), triton_wy_form(k, p, v, beta, g0, gam), (inverse, w, u)):
+        assert rel(ours, theirs) < tol, name

@@ -88,11 +88,12 @@ def _wy_matrix(k, p, beta, gam0, gam) -> torch.Tensor:
     return beta[..., None] * (p @ k.transpose(-1, -2)) * _decay(gam0, gam, idx[:, None] > idx[None, :])
 
 
-def wy_inverse(k: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, g: torch.Tensor, chunk_size: int = 64
-               ) -> torch.Tensor:
-    """(I + M)⁻¹ of every chunk, the matrix that turns the chunk's inputs into its WY form. k, p [B,T,H,K],
-    β and g (log decay) [B,T,H], T a multiple of ``chunk_size`` → [B,T,H,C] (row t holds row t mod C of its
-    chunk's inverse: fla's layout), computed in fp32 at least."""
+def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor,
+            chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk-local WY form: (I + M)⁻¹ of every chunk, w = (I + M)⁻¹ diag(β e^{γ⁰}) P and u = (I + M)⁻¹ diag(β) V
+    (the U = u − w S₀ of :func:`chunk_comba`). k, p [B,T,H,K], v [B,T,H,V], β and g (log decay) [B,T,H], T a
+    multiple of ``chunk_size`` → inverse [B,T,H,C] (row t holds row t mod C of its chunk's inverse: fla's
+    layout), w [B,T,H,K], u [B,T,H,V], computed in fp32 at least."""
     B, T, H, K = k.shape
     C = chunk_size
     dt = _compute_dtype(k.dtype)
@@ -100,12 +101,18 @@ def wy_inverse(k: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, g: torch.Te
     def chunks(x: torch.Tensor) -> torch.Tensor:  # [B,T,H,...] -> [B,H,N,C,...]
         return x.to(dt).transpose(1, 2).reshape(B, H, T // C, C, *x.shape[3:])
 
-    k, p, beta, g = map(chunks, (k, p, beta, g))
+    def tokens(x: torch.Tensor) -> torch.Tensor:  # back to [B,T,H,...]
+        return x.reshape(B, H, T, x.shape[-1]).transpose(1, 2)
+
+    k, p, v, beta, g = map(chunks, (k, p, v, beta, g))
     gam = g.cumsum(-1)
+    gam0 = gam - g
     eye = torch.eye(C, dtype=dt, device=k.device)
-    inv = torch.linalg.solve_triangular(eye + _wy_matrix(k, p, beta, gam - g, gam), eye, upper=False,
+    inv = torch.linalg.solve_triangular(eye + _wy_matrix(k, p, beta, gam0, gam), eye, upper=False,
                                         unitriangular=True)
-    return inv.reshape(B, H, T, C).transpose(1, 2)
+    w = inv @ ((beta * gam0.exp())[..., None] * p)
+    u = inv @ (beta[..., None] * v)
+    return tokens(inv), tokens(w), tokens(u)
 
 
 def chunk_comba(

@@ -1,18 +1,23 @@
-"""The chunk-local matrix of Comba's WY form and its inverse as one Triton kernel: the fused counterpart of
-:func:`crossdna.ops.comba.wy_inverse`, replacing fla's ``chunk_scaled_dot_comba_pkt_fwd`` + ``solve_tril``.
+"""Comba's chunk-local WY form as one Triton kernel: the fused counterpart of :func:`crossdna.ops.comba.wy_form`,
+replacing fla's ``chunk_scaled_dot_comba_pkt_fwd`` + ``solve_tril`` + ``recompute_w_u_fwd`` in the forward.
 
-Per chunk of 64 tokens and head, M[t,s] = β_t (p_t·k_s) 2^{γ⁰_t − γ_s} for s < t, and the kernel writes (I + M)⁻¹.
-fla builds M in one kernel, writes it in fp32, zero-fills the output and inverts in a second kernel whose 16×16
+Per chunk of 64 tokens and head, M[t,s] = β_t (p_t·k_s) 2^{γ⁰_t − γ_s} for s < t; the kernel writes (I + M)⁻¹
+(which fla's backward takes) and the WY vectors w = (I + M)⁻¹ diag(β 2^{γ⁰}) P and u = (I + M)⁻¹ diag(β) V. fla
+builds M in one kernel, writes it in fp32, zero-fills the output and inverts in a second kernel whose 16×16
 diagonal blocks are solved row by row (15 dependent steps, each a global load and a cross-lane reduction): at
-B = 150 on an H200 that pair took 0.94 ms per call, 7× the bytes it moves. Here M never leaves registers:
+B = 150 on an H200 that pair took 0.94 ms per call, 7× the bytes it moves; a third kernel reads the inverse back
+for w and u. Here M and its inverse never leave registers:
 
 * the ten 16×16 blocks on and below the diagonal are ten dots of [16, K]·[K, 16];
 * a diagonal block N is strictly lower triangular, so N¹⁶ = 0 and (I + N)⁻¹ = (I − N)(I + N²)(I + N⁴)(I + N⁸):
   six dots instead of a serial substitution;
 * the off-diagonal blocks of the inverse follow by block forward substitution (as fla's merge), sixteen dots;
-* the upper blocks are written as zeros, so the output needs no zero-fill.
+* w and u are twenty dots of the inverse's blocks, rounded to the input dtype first as fla's kernel reads the
+  stored inverse (so the backward, which recomputes w and u from it, sees the forward's values);
+* the upper blocks of the inverse are written as zeros, so the output needs no zero-fill; without gradients
+  (the EMA teacher) the inverse is not written at all.
 
-The fp32 dots use ``DOT`` precision ("ieee" by default, the exact fp32 product fla's solve uses).
+The fp32 dots use ``DOT`` precision ("ieee" by default: the exact fp32 product).
 """
 from __future__ import annotations
 
@@ -21,22 +26,25 @@ import triton
 import triton.language as tl
 
 CHUNK = 64                                  # fla's Comba chunk, which its other kernels assume
-WY_TILE = {"num_warps": 2, "DOT": "ieee"}  # chosen by benchmarks/triton_tiles_bench.py
+WY_TILE = {"num_warps": 2, "DOT": "ieee"}   # chosen by benchmarks/triton_tiles_bench.py
 
 
 @triton.jit
-def _rows(K, P, BETA, G0, G, row, T, i_h, H: tl.constexpr, DK: tl.constexpr):
-    """One 16-token block: β·p [16, DK] (fp32), k [16, DK] (input dtype), γ⁰ and γ [16] (log2 units)."""
+def _rows(K, P, V, BETA, G0, G, row, T, i_h, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr):
+    """One 16-token block: β·p and β·2^{γ⁰}·p [16, DK], k [16, DK], β·v [16, DV] (input dtype), γ⁰ and γ [16]
+    (log2 units, fp32)."""
     t = row + tl.arange(0, 16)
     ok = t < T
-    c = tl.arange(0, DK)
-    off = (t.to(tl.int64) * H + i_h) * DK
-    k = tl.load(K + off[:, None] + c[None, :], mask=ok[:, None], other=0.0)
-    p = tl.load(P + off[:, None] + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    beta = tl.load(BETA + t * H + i_h, mask=ok, other=0.0).to(tl.float32)
-    g0 = tl.load(G0 + t * H + i_h, mask=ok, other=0.0)
-    g = tl.load(G + t * H + i_h, mask=ok, other=0.0)
-    return (p * beta[:, None]).to(k.dtype), k, g0, g
+    c, cv = tl.arange(0, DK), tl.arange(0, DV)
+    off = t.to(tl.int64) * H + i_h
+    k = tl.load(K + off[:, None] * DK + c[None, :], mask=ok[:, None], other=0.0)
+    p = tl.load(P + off[:, None] * DK + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    v = tl.load(V + off[:, None] * DV + cv[None, :], mask=ok[:, None], other=0.0)
+    beta = tl.load(BETA + off, mask=ok, other=0.0).to(tl.float32)
+    g0 = tl.load(G0 + off, mask=ok, other=0.0)
+    g = tl.load(G + off, mask=ok, other=0.0)
+    pb = p * beta[:, None]
+    return (pb.to(k.dtype), (pb * tl.exp2(g0)[:, None]).to(k.dtype), k, (v * beta[:, None]).to(v.dtype), g0, g)
 
 
 @triton.jit
@@ -67,29 +75,41 @@ def _unit_lower_inverse(n, DOT: tl.constexpr):
 
 
 @triton.jit
-def _store(AI, x, row, col: tl.constexpr, T, i_h, H: tl.constexpr):
+def _wu(x, pg, vb, w, u, DOT: tl.constexpr):
+    """w += x·(β 2^{γ⁰} P)_block, u += x·(β V)_block for one block x of the inverse."""
+    x = x.to(vb.dtype)
+    return w + tl.dot(x, pg, input_precision=DOT), u + tl.dot(x, vb, input_precision=DOT)
+
+
+@triton.jit
+def _store(OUT, x, row, col: tl.constexpr, width: tl.constexpr, T, i_h, H: tl.constexpr):
+    """A [16, n] block into rows row..row+15 and columns col..col+n−1 of a [T, H, width] tensor."""
     t = row + tl.arange(0, 16)
-    c = col + tl.arange(0, 16)
-    tl.store(AI + (t.to(tl.int64)[:, None] * H + i_h) * 64 + c[None, :], x.to(AI.dtype.element_ty),
+    c = col + tl.arange(0, x.shape[1])
+    tl.store(OUT + (t.to(tl.int64)[:, None] * H + i_h) * width + c[None, :], x.to(OUT.dtype.element_ty),
              mask=(t < T)[:, None])
 
 
 @triton.jit
-def _wy_inverse_kernel(K, P, BETA, G0, G, AI, T, H: tl.constexpr, DK: tl.constexpr, DOT: tl.constexpr):
+def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                    STORE_INVERSE: tl.constexpr, DOT: tl.constexpr):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     row = i_t * 64
-    K += i_b.to(tl.int64) * T * H * DK
-    P += i_b.to(tl.int64) * T * H * DK
-    BETA += i_b.to(tl.int64) * T * H
-    G0 += i_b.to(tl.int64) * T * H
-    G += i_b.to(tl.int64) * T * H
-    AI += i_b.to(tl.int64) * T * H * 64
+    tokens = i_b.to(tl.int64) * T * H
+    K += tokens * DK
+    P += tokens * DK
+    W += tokens * DK
+    V += tokens * DV
+    U += tokens * DV
+    BETA += tokens
+    G0 += tokens
+    G += tokens
 
-    pb1, k1, g01, g1 = _rows(K, P, BETA, G0, G, row, T, i_h, H, DK)
-    pb2, k2, g02, g2 = _rows(K, P, BETA, G0, G, row + 16, T, i_h, H, DK)
-    pb3, k3, g03, g3 = _rows(K, P, BETA, G0, G, row + 32, T, i_h, H, DK)
-    pb4, k4, g04, g4 = _rows(K, P, BETA, G0, G, row + 48, T, i_h, H, DK)
+    pb1, pg1, k1, vb1, g01, g1 = _rows(K, P, V, BETA, G0, G, row, T, i_h, H, DK, DV)
+    pb2, pg2, k2, vb2, g02, g2 = _rows(K, P, V, BETA, G0, G, row + 16, T, i_h, H, DK, DV)
+    pb3, pg3, k3, vb3, g03, g3 = _rows(K, P, V, BETA, G0, G, row + 32, T, i_h, H, DK, DV)
+    pb4, pg4, k4, vb4, g04, g4 = _rows(K, P, V, BETA, G0, G, row + 48, T, i_h, H, DK, DV)
 
     x11 = _unit_lower_inverse(_m_block(pb1, g01, k1, g1, True, DOT), DOT)
     x22 = _unit_lower_inverse(_m_block(pb2, g02, k2, g2, True, DOT), DOT)
@@ -113,33 +133,61 @@ def _wy_inverse_kernel(K, P, BETA, G0, G, AI, T, H: tl.constexpr, DK: tl.constex
     x41 = -tl.dot(x44, tl.dot(m41, x11, input_precision=DOT) + tl.dot(m42, x21, input_precision=DOT)
                   + tl.dot(m43, x31, input_precision=DOT), input_precision=DOT)
 
-    zero = tl.zeros([16, 16], dtype=tl.float32)
-    _store(AI, x11, row, 0, T, i_h, H)
-    _store(AI, zero, row, 16, T, i_h, H)
-    _store(AI, zero, row, 32, T, i_h, H)
-    _store(AI, zero, row, 48, T, i_h, H)
-    _store(AI, x21, row + 16, 0, T, i_h, H)
-    _store(AI, x22, row + 16, 16, T, i_h, H)
-    _store(AI, zero, row + 16, 32, T, i_h, H)
-    _store(AI, zero, row + 16, 48, T, i_h, H)
-    _store(AI, x31, row + 32, 0, T, i_h, H)
-    _store(AI, x32, row + 32, 16, T, i_h, H)
-    _store(AI, x33, row + 32, 32, T, i_h, H)
-    _store(AI, zero, row + 32, 48, T, i_h, H)
-    _store(AI, x41, row + 48, 0, T, i_h, H)
-    _store(AI, x42, row + 48, 16, T, i_h, H)
-    _store(AI, x43, row + 48, 32, T, i_h, H)
-    _store(AI, x44, row + 48, 48, T, i_h, H)
+    w0 = tl.zeros([16, DK], dtype=tl.float32)
+    u0 = tl.zeros([16, DV], dtype=tl.float32)
+    w, u = _wu(x11, pg1, vb1, w0, u0, DOT)
+    _store(W, w, row, 0, DK, T, i_h, H)
+    _store(U, u, row, 0, DV, T, i_h, H)
+    w, u = _wu(x21, pg1, vb1, w0, u0, DOT)
+    w, u = _wu(x22, pg2, vb2, w, u, DOT)
+    _store(W, w, row + 16, 0, DK, T, i_h, H)
+    _store(U, u, row + 16, 0, DV, T, i_h, H)
+    w, u = _wu(x31, pg1, vb1, w0, u0, DOT)
+    w, u = _wu(x32, pg2, vb2, w, u, DOT)
+    w, u = _wu(x33, pg3, vb3, w, u, DOT)
+    _store(W, w, row + 32, 0, DK, T, i_h, H)
+    _store(U, u, row + 32, 0, DV, T, i_h, H)
+    w, u = _wu(x41, pg1, vb1, w0, u0, DOT)
+    w, u = _wu(x42, pg2, vb2, w, u, DOT)
+    w, u = _wu(x43, pg3, vb3, w, u, DOT)
+    w, u = _wu(x44, pg4, vb4, w, u, DOT)
+    _store(W, w, row + 48, 0, DK, T, i_h, H)
+    _store(U, u, row + 48, 0, DV, T, i_h, H)
+
+    if STORE_INVERSE:
+        AI += tokens * 64
+        zero = tl.zeros([16, 16], dtype=tl.float32)
+        _store(AI, x11, row, 0, 64, T, i_h, H)
+        _store(AI, zero, row, 16, 64, T, i_h, H)
+        _store(AI, zero, row, 32, 64, T, i_h, H)
+        _store(AI, zero, row, 48, 64, T, i_h, H)
+        _store(AI, x21, row + 16, 0, 64, T, i_h, H)
+        _store(AI, x22, row + 16, 16, 64, T, i_h, H)
+        _store(AI, zero, row + 16, 32, 64, T, i_h, H)
+        _store(AI, zero, row + 16, 48, 64, T, i_h, H)
+        _store(AI, x31, row + 32, 0, 64, T, i_h, H)
+        _store(AI, x32, row + 32, 16, 64, T, i_h, H)
+        _store(AI, x33, row + 32, 32, 64, T, i_h, H)
+        _store(AI, zero, row + 32, 48, 64, T, i_h, H)
+        _store(AI, x41, row + 48, 0, 64, T, i_h, H)
+        _store(AI, x42, row + 48, 16, 64, T, i_h, H)
+        _store(AI, x43, row + 48, 32, 64, T, i_h, H)
+        _store(AI, x44, row + 48, 48, 64, T, i_h, H)
 
 
-def wy_inverse(k: torch.Tensor, p: torch.Tensor, beta: torch.Tensor, g0: torch.Tensor, g: torch.Tensor
-               ) -> torch.Tensor:
-    """k, p [B,T,H,K], β [B,T,H], γ⁰ and γ [B,T,H] fp32 (fla's per-chunk exclusive and inclusive cumsums of the
-    log decay, in log2 units) → (I + M)⁻¹ [B,T,H,64] in k's dtype, fla's layout for ``recompute_w_u_fwd``."""
+def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g0: torch.Tensor,
+            g: torch.Tensor, keep_inverse: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """k, p [B,T,H,K], v [B,T,H,V], β [B,T,H], γ⁰ and γ [B,T,H] fp32 (fla's per-chunk exclusive and inclusive
+    cumsums of the log decay, in log2 units) → ((I + M)⁻¹ [B,T,H,64] in k's dtype (fla's layout, None unless
+    ``keep_inverse``), w [B,T,H,K] in k's dtype, u [B,T,H,V] in v's dtype)."""
     B, T, H, DK = k.shape
-    if DK & (DK - 1) or DK < 16:
-        raise ValueError(f"wy_inverse (Triton): head_dim={DK} must be a power of two ≥ 16")
-    k, p, beta, g0, g = (x.contiguous() for x in (k, p, beta, g0, g))
-    out = torch.empty(B, T, H, CHUNK, dtype=k.dtype, device=k.device)
-    _wy_inverse_kernel[(triton.cdiv(T, CHUNK), B * H)](k, p, beta, g0, g, out, T, H, DK, **WY_TILE)
-    return out
+    DV = v.shape[-1]
+    for name, d in (("head_dim", DK), ("head_v_dim", DV)):
+        if d & (d - 1) or d < 16:
+            raise ValueError(f"wy_form (Triton): {name}={d} must be a power of two ≥ 16")
+    k, p, v, beta, g0, g = (x.contiguous() for x in (k, p, v, beta, g0, g))
+    inverse = torch.empty(B, T, H, CHUNK, dtype=k.dtype, device=k.device) if keep_inverse else None
+    w, u = torch.empty_like(k), torch.empty_like(v)
+    _wy_form_kernel[(triton.cdiv(T, CHUNK), B * H)](k, p, v, beta, g0, g, inverse, w, u, T, H, DK, DV,
+                                                     STORE_INVERSE=keep_inverse, **WY_TILE)
+    return inverse, w, u

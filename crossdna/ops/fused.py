@@ -2,8 +2,8 @@
 pointwise ops. Importing this module registers the backend when it can run here; otherwise it registers
 nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reason).
 
-* ``comba``: fla's chunked Comba kernels, except that the chunk-local WY inverse is our Triton kernel
-  (``crossdna/ops/comba_wy_triton.py``: fla's two kernels for it were a third of fla's forward time). It runs in
+* ``comba``: fla's chunked Comba kernels, except that the chunk-local WY form (the inverse and w, u) is our Triton
+  kernel (``crossdna/ops/comba_wy_triton.py``: fla's three kernels for it took most of fla's forward time). It runs in
   v's dtype (fp32 by default, as upstream; bf16 when the model lets Comba follow the ambient autocast); g (log
   decay) is always fp32 and the state accumulates in fp32 inside the kernels either way.
 * ``swa``: FlexAttention with a causal band block mask (at l = 1024, W = 512 the band touches 30 of the 64
@@ -85,27 +85,30 @@ def _unavailable_reason() -> str:
 
 
 # ----------------------------------------------------------------------------------------------------- Comba
+def _comba_forward(q, k, v, p, g, beta, scale, keep_inverse: bool):
+    """fla's ``chunk_comba_fwd`` (no initial or final state) with our WY-form kernel in place of fla's three
+    (``chunk_scaled_dot_comba_pkt_fwd``, ``solve_tril``, ``recompute_w_u_fwd``) → o and what the backward takes."""
+    from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from fla.ops.utils.constant import RCP_LN2
+
+    g0, gam = chunk_comba_cumsum_scalar_fwd(g, chunk_size=_comba_wy.CHUNK, scale=RCP_LN2)
+    inverse, w, u = _comba_wy.wy_form(k, p, v, beta, g0, gam, keep_inverse)
+    h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=gam)
+    o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=gam, scale=scale)
+    return o.to(q.dtype), (g0, gam, inverse)
+
+
 class _ChunkComba(torch.autograd.Function):
-    """fla's ``chunk_comba`` (no initial or final state, L2 norms done by the caller) with the WY inverse from our
-    kernel: fla's forward builds it with ``chunk_scaled_dot_comba_pkt_fwd`` + ``solve_tril``, the rest is fla's
-    kernels in fla's order, and the backward is fla's ``chunk_comba_bwd`` on the same saved tensors."""
+    """The backward is fla's ``chunk_comba_bwd`` on the tensors fla's forward saves."""
 
     @staticmethod
     def forward(ctx, q, k, v, p, g, beta, scale):
-        from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
-        from fla.ops.comba.wy_fast import recompute_w_u_fwd
-        from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
-        from fla.ops.common.chunk_o import chunk_fwd_o
-        from fla.ops.utils.constant import RCP_LN2
-
-        g0, gam = chunk_comba_cumsum_scalar_fwd(g, chunk_size=_comba_wy.CHUNK, scale=RCP_LN2)
-        inverse = _comba_wy.wy_inverse(k, p, beta, g0, gam)
-        w, u = recompute_w_u_fwd(k=p, v=v, beta=beta, A=inverse, g_cumsum=g0, cu_seqlens=None)
-        h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=gam)
-        o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=gam, scale=scale)
+        o, (g0, gam, inverse) = _comba_forward(q, k, v, p, g, beta, scale, keep_inverse=True)
         ctx.save_for_backward(q, k, v, p, g0, gam, beta, inverse)
         ctx.scale = scale
-        return o.to(q.dtype)
+        return o
 
     @staticmethod
     def backward(ctx, do):
@@ -120,14 +123,17 @@ class _ChunkComba(torch.autograd.Function):
 
 @torch.compiler.disable  # fla's kernels autotune and dispatch in Python: called as is, as fla's chunk_comba is
 def comba(q, k, v, p, g, beta, scale=None, chunk_size=64, use_qk_l2norm=True):
-    """fla's chunked Comba in v's dtype with our WY-inverse kernel. ``chunk_size`` only changes the rounding of
-    the chunked algorithm, not the function, so fla's fixed 64 serves every value."""
+    """fla's chunked Comba in v's dtype with our WY-form kernel. ``chunk_size`` only changes the rounding of the
+    chunked algorithm, not the function, so fla's fixed 64 serves every value. Without gradients (the EMA
+    teacher) it runs the forward alone, which does not write the inverse."""
     dtype = v.dtype
     if use_qk_l2norm:
         q, k, p = (l2_normalize(x) for x in (q, k, p))
     q, k, p, beta = (x.to(dtype).contiguous() for x in (q, k, p, beta))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _ChunkComba.apply(q, k, v.contiguous(), p, g.float().contiguous(), beta, scale)
+    args = (q, k, v.contiguous(), p, g.float().contiguous(), beta, q.shape[-1] ** -0.5 if scale is None else scale)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in args[:6]):
+        return _ChunkComba.apply(*args)
+    return _comba_forward(*args, keep_inverse=False)[0]
 
 
 # ----------------------------------------------------------------------------------- sliding-window attention
