@@ -134,6 +134,7 @@ def build(cfg: BenchConfig, device: torch.device) -> tuple[SSScanDNAHybridModel,
 # ------------------------------------------------------------------------------------------------- profiler
 _CATEGORIES = (  # first match wins; kernel names as the CUDA profiler reports them
     ("comba input stage (ours)", ("_inputs_",)),
+    ("comba WY form (ours)", ("_wy_form_",)),
     ("bridge convs (ours)", ("_dwconv_",)),
     ("comba kernels (fla)", ("chunk_", "solve_tril", "recompute_w_u", "prepare_wy", "l2norm", "merge_16x16",
                              "comba", "tilelang", "_tl_", "dqkwg", "kernel_kernel")),
