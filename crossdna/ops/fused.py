@@ -30,12 +30,12 @@ from typing import Callable
 import torch
 
 from . import attention as _attention
-from .comba import l2_normalize
 from . import comba_inputs_triton as _comba_inputs
 from . import comba_wy_triton as _comba_wy
 from . import dwconv_triton as _dwconv
 from . import pointwise as _pointwise
 from . import register_backend
+from .comba import l2_normalize
 
 SWA_KERNELS = ("flex", "fla", "sdpa")
 _swa_kernel = "flex"
