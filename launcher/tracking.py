@@ -52,6 +52,9 @@ class TrackingConfig:
     max_queue: int = 10_000  # metric entries buffered while the server is unreachable; the oldest go first
     start_timeout_s: float = 60.0  # how long rank 0 retries creating the run before training goes on untracked
     close_timeout_s: float = 120.0  # how long the final flush (metrics, final model artifact) may take
+    # How long a checkpoint waits for everything logged before it to reach the store, so that a crash after the
+    # checkpoint loses none of the metrics the resumed run will not log again; 0 = no wait.
+    checkpoint_flush_s: float = 10.0
     telemetry_interval_s: float = 10.0  # per-node GPU/host sampling period; 0 turns telemetry off
 
     def __post_init__(self) -> None:
@@ -60,6 +63,8 @@ class TrackingConfig:
         for name in ("flush_interval_s", "start_timeout_s", "close_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.checkpoint_flush_s < 0:
+            raise ValueError(f"checkpoint_flush_s: must be >= 0 (0 = no wait), got {self.checkpoint_flush_s}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue: must be >= 1, got {self.max_queue}")
         if self.telemetry_interval_s < 0:
@@ -241,13 +246,18 @@ class Tracker:
         self._sink.submit(f"tags {sorted(tags)}", lambda c: c.log_batch(self.run_id, tags=run_tags))
 
     def log_checkpoint(self, step: int, path: str | Path, manifest_hash: str) -> None:
-        """Record a saved checkpoint by location (checkpoints stay on the shared file system, not in MLflow)."""
+        """Record a saved checkpoint by location (checkpoints stay on the shared file system, not in MLflow), and
+        wait up to ``checkpoint_flush_s`` for everything logged so far to reach the store."""
         if self._sink is None:
             return
         where = str(path) if "://" in str(path) else str(Path(path).resolve())
         record = {"step": int(step), "path": where, "manifest_hash": manifest_hash}
         self.set_tags({"checkpoint.latest": json.dumps(record), f"checkpoint.step_{int(step):09d}": where})
         self._sink.put_metrics(step, {"checkpoint/step": float(step)})
+        if self.cfg.checkpoint_flush_s and not self._sink.flush(self.cfg.checkpoint_flush_s):
+            log.warning("tracking: the metrics up to checkpoint step %d are not all in the store after %.0f s "
+                        "(tracking.checkpoint_flush_s); they are still queued, and lost if the job dies now",
+                        step, self.cfg.checkpoint_flush_s)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload a file or a directory (e.g. the exported safetensors model) from the background thread."""

@@ -238,7 +238,9 @@ def test_two_rank_checkpoint_resumes_on_one_rank_in_the_same_sample_order(refere
 
 def test_tracking_continues_the_same_mlflow_run_after_resume(chr20_shards, tmp_path):
     from mlflow.tracking import MlflowClient
-    tracking = ["tracking.enabled=true", "tracking.flush_interval_s=0.2", "tracking.telemetry_interval_s=0",
+    # A flush interval longer than the killed run: the metrics up to its step-3 checkpoint reach the store only
+    # because the checkpoint waits for them (tracking.checkpoint_flush_s); the resumed run starts at step 4.
+    tracking = ["tracking.enabled=true", "tracking.flush_interval_s=30", "tracking.telemetry_interval_s=0",
                 "trainer.steps=6", "trainer.ckpt_every=3", "trainer.eval_every=3"]
     run(tmp_path, chr20_shards, *tracking, "fault.kill_after_step=3", expect=None)
     first = json.loads((tmp_path / "checkpoints" / "step-00000003" / "trainer.json").read_text())["tracking_run_id"]
