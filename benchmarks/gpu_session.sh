@@ -8,7 +8,7 @@
 #   install-b    z3-solver (.gpu/tlb), which tilelang needs (split off: the carry limit is 64 MiB per call)
 #   install-mlflow  mlflow-skinny and its deps (.gpu/mlflow)
 #   tests        pytest -m gpu tests/test_ops_fused.py tests/test_model_gpu.py
-#   tests-inputs our Triton kernels (Comba input stage and WY inverse, bridge convs) against the reference, the fused layer/model
+#   tests-inputs our Triton kernels (Comba input stage and WY form, bridge convs) against the reference, the fused layer/model
 #                parity, no host syncs
 #   tests-graphs the captured steps: finetuning, the pretraining trainer and the pretraining benchmark's capture
 #   tests-precision  the bf16-vs-fp32 training test alone (four 200-step runs, ~5 min)

@@ -77,6 +77,12 @@ def _prepare(q, k, v, p, g, beta, use_qk_l2norm: bool):
     return q, k, v, p, g, beta
 
 
+def _chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[B,T,H,...] → [B,H,T/C,C,...] (T a multiple of the chunk size C)."""
+    B, T, H = x.shape[:3]
+    return x.transpose(1, 2).reshape(B, H, T // chunk_size, chunk_size, *x.shape[3:])
+
+
 def _decay(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     # e^{a_t − b_s} where kept, 0 elsewhere; masking before exp keeps the unused (growing) entries from overflowing.
     return torch.exp((a[..., :, None] - b[..., None, :]).masked_fill(~keep, float("-inf")))
@@ -98,13 +104,10 @@ def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
     C = chunk_size
     dt = _compute_dtype(k.dtype)
 
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B,T,H,...] -> [B,H,N,C,...]
-        return x.to(dt).transpose(1, 2).reshape(B, H, T // C, C, *x.shape[3:])
-
     def tokens(x: torch.Tensor) -> torch.Tensor:  # back to [B,T,H,...]
         return x.reshape(B, H, T, x.shape[-1]).transpose(1, 2)
 
-    k, p, v, beta, g = map(chunks, (k, p, v, beta, g))
+    k, p, v, beta, g = (_chunks(x.to(dt), C) for x in (k, p, v, beta, g))
     gam = g.cumsum(-1)
     gam0 = gam - g
     eye = torch.eye(C, dtype=dt, device=k.device)
@@ -142,11 +145,7 @@ def chunk_comba(
         q, k, v, p = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, p))
         g, beta = (F.pad(x, (0, 0, 0, pad)) for x in (g, beta))
     N = (T + pad) // C
-
-    def chunks(x: torch.Tensor) -> torch.Tensor:  # [B,T,H,...] -> [B,H,N,C,...]
-        return x.transpose(1, 2).reshape(B, H, N, C, *x.shape[3:])
-
-    q, k, v, p, g, beta = map(chunks, (q, k, v, p, g, beta))
+    q, k, v, p, g, beta = (_chunks(x, C) for x in (q, k, v, p, g, beta))
     gam = g.cumsum(-1)          # inclusive log decay inside each chunk
     gam0 = gam - g              # exclusive
     idx = torch.arange(C, device=q.device)

@@ -94,6 +94,15 @@ def _store(OUT, x, row, col: tl.constexpr, width: tl.constexpr, T, i_h, H: tl.co
 
 
 @triton.jit
+def _store_inverse_row(AI, x1, x2, x3, x4, row, T, i_h, H: tl.constexpr):
+    """Rows row..row+15 of the inverse [T, H, 64], as its four 16×16 blocks."""
+    _store(AI, x1, row, 0, 64, T, i_h, H)
+    _store(AI, x2, row, 16, 64, T, i_h, H)
+    _store(AI, x3, row, 32, 64, T, i_h, H)
+    _store(AI, x4, row, 48, 64, T, i_h, H)
+
+
+@triton.jit
 def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     STORE_INVERSE: tl.constexpr, DOT: tl.constexpr):
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
@@ -160,23 +169,10 @@ def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.c
     if STORE_INVERSE:
         AI += tokens * 64
         zero = tl.zeros([16, 16], dtype=tl.float32)
-        _store(AI, x11, row, 0, 64, T, i_h, H)
-        _store(AI, zero, row, 16, 64, T, i_h, H)
-        _store(AI, zero, row, 32, 64, T, i_h, H)
-        _store(AI, zero, row, 48, 64, T, i_h, H)
-        _store(AI, x21, row + 16, 0, 64, T, i_h, H)
-        _store(AI, x22, row + 16, 16, 64, T, i_h, H)
-        _store(AI, zero, row + 16, 32, 64, T, i_h, H)
-        _store(AI, zero, row + 16, 48, 64, T, i_h, H)
-        _store(AI, x31, row + 32, 0, 64, T, i_h, H)
-        _store(AI, x32, row + 32, 16, 64, T, i_h, H)
-        _store(AI, x33, row + 32, 32, 64, T, i_h, H)
-        _store(AI, zero, row + 32, 48, 64, T, i_h, H)
-        _store(AI, x41, row + 48, 0, 64, T, i_h, H)
-        _store(AI, x42, row + 48, 16, 64, T, i_h, H)
-        _store(AI, x43, row + 48, 32, 64, T, i_h, H)
-        _store(AI, x44, row + 48, 48, 64, T, i_h, H)
-
+        _store_inverse_row(AI, x11, zero, zero, zero, row, T, i_h, H)
+        _store_inverse_row(AI, x21, x22, zero, zero, row + 16, T, i_h, H)
+        _store_inverse_row(AI, x31, x32, x33, zero, row + 32, T, i_h, H)
+        _store_inverse_row(AI, x41, x42, x43, x44, row + 48, T, i_h, H)
 
 def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g0: torch.Tensor,
             g: torch.Tensor, keep_inverse: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
