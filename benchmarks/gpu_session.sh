@@ -26,7 +26,7 @@
 #   base-b150    the same on the source tree in .gpu/base (e.g. `git archive` of an earlier commit): a baseline
 #                measured on the same machine
 #   graphed      compiled, timed uncaptured and then with the whole step captured as one CUDA graph
-#   budget       compiled with activation_budget 0.5, B=150 (memory for time)
+#   budget       compiled with activation_budget $BUDGET (default 0.5), B=150 (memory for time)
 #   faithful     eager with fp32 Comba (the upstream numerics)
 #   faithful-compiled  fp32 Comba with torch.compile
 #   pretrain     shard the full chr20 and pretrain configs/pretrain/8m-chr20-1gpu.yaml into /tmp/run-8m; the
@@ -101,7 +101,7 @@ PY
     tiles-bench) timeout 400 python3 benchmarks/triton_tiles_bench.py "$OUT" 2>&1 | tail -8 | tee -a "$LOG" ;;
     b150) bench 400 --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     base-b150) (cd .gpu/base && PYTHONPATH=/tmp/site:$PWD timeout 400 python3 -m crossdna.cli bench train-step --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT" --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 --tag base_b150_compile) 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
-    budget) bench 400 --batch 150 --comba-precision autocast --compile --activation-budget 0.5 --warmup 3 --steps 10 > "$OUT/budget.log" 2>&1
+    budget) bench 400 --batch 150 --comba-precision autocast --compile --activation-budget "${BUDGET:-0.5}" --warmup 3 --steps 10 ${BENCH_TAG:+--tag "$BENCH_TAG"} > "$OUT/budget.log" 2>&1
             echo "budget exit $?" | tee -a "$LOG"; grep -v TileLang "$OUT/budget.log" | tail -4 | tee -a "$LOG" ;;
     pretrain) timeout 60 python3 -m crossdna.cli shard build --config configs/shard/chr20.yaml --out /tmp/chr20-shards --quiet fasta="$CROSSDNA_CHR20_FASTA" 2>&1 | tail -2 | tee -a "$LOG"
               start=$(date +%s)

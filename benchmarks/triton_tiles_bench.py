@@ -29,15 +29,25 @@ B, T, H, K, V, TAPS = 150, 1024, 8, 64, 64, 4
 D, DILATIONS, BRIDGE_K = 512, (1, 2, 4, 8, 16), 9
 
 
-def _sweep(tile: dict, options: dict, run, floor_ms: float, label: str) -> list[dict]:
-    """Time ``run`` at every combination of ``options`` written into ``tile`` (the module's tile dict); the
-    dict is left at the fastest."""
+def _registers(kernel) -> dict:
+    """Registers per thread and spills (Triton's ``n_spills``: local memory in 4-byte words) of ``kernel``'s most
+    recently compiled variant, the tile just timed: why a tile is slow (spills, or registers capping occupancy)."""
+    compiled = [variant for cache in kernel.device_caches.values() for variant in cache[0].values()]
+    if not compiled:
+        return {}
+    compiled[-1]._init_handles()
+    return {"n_regs": compiled[-1].n_regs, "n_spills": compiled[-1].n_spills}
+
+
+def _sweep(tile: dict, options: dict, run, floor_ms: float, label: str, kernel=None) -> list[dict]:
+    """Time ``run`` at every combination of ``options`` written into ``tile`` (the module's tile dict), with
+    ``kernel``'s registers where given; the dict is left at the fastest."""
     rows = []
     for values in itertools.product(*options.values()):
         tile.update(zip(options, values))
         ms = do_bench(run, return_mode="median")
-        rows.append({**tile, "ms": ms, "floor_ms": floor_ms})
-        print(f"{label:8s} {tile}: {ms:6.3f} ms (floor {floor_ms:.3f})", flush=True)
+        rows.append({**tile, "ms": ms, "floor_ms": floor_ms, **(_registers(kernel) if kernel else {})})
+        print(f"{label:8s} {rows[-1]}", flush=True)
     tile.update({k: v for k, v in min(rows, key=lambda r: r["ms"]).items() if k in tile})
     return rows
 
@@ -47,6 +57,8 @@ def _wy_sweep(floor) -> dict:
     recompute_w_u on the same inputs (time, and the difference of the three outputs)."""
     from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
     from fla.ops.comba.wy_fast import chunk_scaled_dot_comba_pkt_fwd, recompute_w_u_fwd
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.utils import solve_tril
     from fla.ops.utils.constant import RCP_LN2
 
@@ -64,20 +76,28 @@ def _wy_sweep(floor) -> dict:
     # k, p, v, w, u and (with gradients) the inverse; β, γ⁰, γ
     qkv_bytes = 5 * k.numel() * k.element_size() + 3 * g0.numel() * 4
     inverse_bytes = B * T * H * 64 * 2
-    options = {"num_warps": (1, 2, 4, 8), "DOT": ("ieee", "tf32x3")}
+    options = {"num_warps": (1, 2, 4), "DOT": ("ieee", "tf32")}
     rows = _sweep(comba_wy_triton.WY_TILE, options, lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam),
-                  floor(qkv_bytes + inverse_bytes), "wy form")
+                  floor(qkv_bytes + inverse_bytes), "wy form", comba_wy_triton._wy_form_kernel)
     no_inverse = do_bench(lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam, keep_inverse=False),
                           return_mode="median")
     fla_ms = do_bench(fla, return_mode="median")
+    _, w, u = comba_wy_triton.wy_form(k, p, v, beta, g0, gam, keep_inverse=False)
+
+    def states_and_output() -> torch.Tensor:  # the rest of the forward, for what fusing it could save
+        h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=gam)
+        return chunk_fwd_o(q=p, k=k, v=v_new, h=h, g=gam, scale=K ** -0.5)
+
+    state_ms = do_bench(states_and_output, return_mode="median")
     print(f"without the inverse: {no_inverse:.3f} ms (floor {floor(qkv_bytes):.3f}); fla's three kernels: "
-          f"{fla_ms:.3f} ms", flush=True)
+          f"{fla_ms:.3f} ms; fla's fwd_h + fwd_o after it: {state_ms:.3f} ms", flush=True)
     ours = comba_wy_triton.wy_form(k, p, v, beta, g0, gam)
     difference = {name: ((a.double() - b.double()).norm() / b.double().norm()).item()
                   for name, a, b in zip(("inverse", "w", "u"), ours, fla())}
     return {"sweeps": {"wy_form": rows}, "best": comba_wy_triton.WY_TILE,
             "shape": {"B": B, "T": T, "H": H, "K": K, "V": V}, "without_inverse_ms": no_inverse,
             "without_inverse_floor_ms": floor(qkv_bytes), "fla_pkt_solve_tril_recompute_w_u_ms": fla_ms,
+            "fla_fwd_h_and_fwd_o_ms": state_ms,
             "rel_difference_to_fla": difference}
 
 

@@ -17,10 +17,14 @@ for w and u. Here M and its inverse never leave registers:
 * the upper blocks of the inverse are written as zeros, so the output needs no zero-fill; without gradients
   (the EMA teacher) the inverse is not written at all.
 
-The fp32 dots use ``DOT`` precision ("ieee" by default: the exact fp32 product). Measured at B = 150 on an H200
-inside the training step: 0.93 ms per [B]-sized call at the first tile (2 warps, "ieee"), as fast as fla's first two
-kernels alone, ~5× its byte floor: the step gained from the folded third kernel and the skipped writes, and the
-tile sweep (warps, "tf32x3") has not been run yet (docs/performance.md).
+The 16×16 fp32 dots of the inverse use ``DOT`` precision. With half-precision inputs that is "tf32", as in fla's
+own kernels: the inverse is rounded to bf16 for storage and for w and u, a coarser step than TF32's; with fp32
+inputs (the faithful precision) "ieee", the exact fp32 product. Tiles from ``benchmarks/triton_tiles_bench.py``
+at B = 150 on an H200, bf16 (`benchmarks/results/triton_tiles_h200_wy_form.json`): 0.595 ms per call at 1 warp
+and "tf32" (2 warps: 0.597), against 1.009 ms at the first tile (2 warps, "ieee") and 1.19 ms for fla's three
+kernels; "tf32x3" gave 0.769. Every tile takes ≥ 225 registers per thread, which caps occupancy at 8 warps per
+SM: the kernel is latency-bound, at 2.6× its byte floor. Loading each 16-row block where it is used instead of once (fewer live
+registers on paper) was slower (0.626 ms): the compiler hoists the loads and spills.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import triton
 import triton.language as tl
 
 CHUNK = 64                                  # fla's Comba chunk, which its other kernels assume
-WY_TILE = {"num_warps": 2, "DOT": "ieee"}   # a first choice; benchmarks/triton_tiles_bench.py sweeps it
+WY_TILE = {"num_warps": 1, "DOT": "tf32"}         # half-precision inputs; benchmarks/triton_tiles_bench.py sweeps it
+WY_TILE_FP32 = {"num_warps": 2, "DOT": "ieee"}    # fp32 inputs: exact products (1.01 ms; 1 warp took 1.87)
 
 
 @triton.jit
@@ -187,6 +192,7 @@ def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
     k, p, v, beta, g0, g = (x.contiguous() for x in (k, p, v, beta, g0, g))
     inverse = torch.empty(B, T, H, CHUNK, dtype=k.dtype, device=k.device) if keep_inverse else None
     w, u = torch.empty_like(k), torch.empty_like(v)
+    tile = WY_TILE_FP32 if k.dtype == torch.float32 else WY_TILE
     _wy_form_kernel[(triton.cdiv(T, CHUNK), B * H)](k, p, v, beta, g0, g, inverse, w, u, T, H, DK, DV,
-                                                     STORE_INVERSE=keep_inverse, **WY_TILE)
+                                                     STORE_INVERSE=keep_inverse, **tile)
     return inverse, w, u
