@@ -179,6 +179,7 @@ def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.c
         _store_inverse_row(AI, x31, x32, x33, zero, row + 32, T, i_h, H)
         _store_inverse_row(AI, x41, x42, x43, x44, row + 48, T, i_h, H)
 
+
 def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g0: torch.Tensor,
             g: torch.Tensor, keep_inverse: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """k, p [B,T,H,K], v [B,T,H,V], β [B,T,H], γ⁰ and γ [B,T,H] fp32 (fla's per-chunk exclusive and inclusive
