@@ -112,14 +112,15 @@ def _inputs_sweeps(floor) -> dict:
     nbytes = qkv.numel() * qkv.element_size()
     warps = (2, 4, 8)
     sweeps = {  # byte floors: each tensor read once, written once (p has q's size: 4 outputs = 4/3 of qkv)
-        "forward": _sweep(kernels.FWD_TILE, {"BT": (32, 64, 128), "num_warps": warps},
+        "forward": _sweep(kernels.FWD_TILE, {"BT": (16, 32, 64, 128), "num_warps": warps},
                           lambda: kernels.comba_inputs(qkv, weight, sd, dc, H, V),
-                          floor(nbytes + 4 * nbytes // 3), "forward"),
-        "chain": _sweep(kernels.CHAIN_TILE, {"BT": (32, 64, 128), "num_warps": warps},
+                          floor(nbytes + 4 * nbytes // 3), "forward", kernels._inputs_fwd_kernel),
+        "chain": _sweep(kernels.CHAIN_TILE, {"BT": (16, 32, 64, 128), "num_warps": warps},
                         lambda: kernels.chain_backward(grads, qkv, weight, sd, dc, H, K, V, 1e-6),
-                        floor(2 * nbytes + 4 * nbytes // 3), "chain"),
+                        floor(2 * nbytes + 4 * nbytes // 3), "chain", kernels._inputs_chain_bwd_kernel),
         "conv": _sweep(kernels.CONV_TILE, {"BT": (16, 32, 64), "BC": (32, 64, 128), "num_warps": warps},
-                       lambda: kernels.conv_backward(dy, qkv, weight), floor(3 * nbytes), "conv"),
+                       lambda: kernels.conv_backward(dy, qkv, weight), floor(3 * nbytes), "conv",
+                       kernels._inputs_conv_bwd_kernel),
     }
     backward = do_bench(lambda: kernels.comba_inputs_backward(*grads, qkv, weight, sd, dc, H, V, 1e-6),
                         return_mode="median")

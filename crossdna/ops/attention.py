@@ -34,19 +34,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def rotary(q: torch.Tensor, k: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPT-NeoX (non-interleaved, rotate-half) RoPE on q,k [B,l,H,d] at positions 0..l−1, computed in fp32.
+def rotary_tables(length: int, dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
+    """cos θ and sin θ of GPT-NeoX RoPE at positions 0..l−1, [2, l, d] fp32, each repeated over both halves.
 
-    inv_freq_i = base^(−2i/d); x' = x·cos θ + rotate_half(x)·sin θ with cos/sin repeated over both halves.
+    inv_freq_i = base^(−2i/d), θ[t, i] = t·inv_freq_i.
     """
-    length, dim = q.shape[1], q.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=q.device, dtype=torch.float32) / dim))
-    theta = torch.arange(length, device=q.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    theta = torch.cat([theta, theta], dim=-1)[None, :, None, :]  # [1,l,1,d]
-    cos, sin = theta.cos(), theta.sin()
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    theta = torch.arange(length, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    theta = torch.cat([theta, theta], dim=-1)
+    return torch.stack([theta.cos(), theta.sin()])
 
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
-    return rotate(q), rotate(k)
+def apply_rotary(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """x [B,l,H,d] rotated by :func:`rotary_tables` ``tables``: x·cos θ + rotate_half(x)·sin θ, in fp32."""
+    cos, sin = tables[0, :, None, :], tables[1, :, None, :]
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-NeoX (non-interleaved, rotate-half) RoPE on q,k [B,l,H,d] at positions 0..l−1, computed in fp32."""
+    tables = rotary_tables(q.shape[1], q.shape[-1], base, q.device)
+    return apply_rotary(q, tables), apply_rotary(k, tables)

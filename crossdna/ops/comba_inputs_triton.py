@@ -51,20 +51,20 @@ def _inputs_fwd_kernel(X, W, SD, DC, Q, K, V, P, T, stride_b, stride_t,
     t = i_t * BT + tl.arange(0, BT)
     ck, cv = tl.arange(0, DK), tl.arange(0, DV)
     row0 = i_b.to(tl.int64) * stride_b
-    q, _ = _conv_silu(X, W, row0, t, T, stride_t, i_h * DK + ck, KC)
-    k, _ = _conv_silu(X, W, row0, t, T, stride_t, H * DK + i_h * DK + ck, KC)
-    v, _ = _conv_silu(X, W, row0, t, T, stride_t, 2 * H * DK + i_h * DV + cv, KC)
-    p = k * tl.load(SD + i_h)
-    q = q - tl.load(DC + i_h) * p
-    q = q * tl.rsqrt(tl.sum(q * q, axis=1) + EPS)[:, None]
-    k = k * tl.rsqrt(tl.sum(k * k, axis=1) + EPS)[:, None]
-    p = p * tl.rsqrt(tl.sum(p * p, axis=1) + EPS)[:, None]
     ok = (t < T)[:, None]
     tok = (i_b.to(tl.int64) * T + t) * H + i_h                     # outputs are [B, T, H, D] contiguous
     out_k = tok[:, None] * DK + ck[None, :]
-    tl.store(Q + out_k, q.to(Q.dtype.element_ty), mask=ok)
-    tl.store(K + out_k, k.to(K.dtype.element_ty), mask=ok)
-    tl.store(P + out_k, p.to(P.dtype.element_ty), mask=ok)
+    # one tensor at a time, each stored as soon as it is final, so that few [BT, D] tiles are live at once (all
+    # three convs first spilled registers at every tile); p = σ(decay)·k̃ shares k̃'s sum of squares
+    k, _ = _conv_silu(X, W, row0, t, T, stride_t, H * DK + i_h * DK + ck, KC)
+    sd = tl.load(SD + i_h)
+    kk = tl.sum(k * k, axis=1)[:, None]
+    tl.store(K + out_k, (k * tl.rsqrt(kk + EPS)).to(K.dtype.element_ty), mask=ok)
+    tl.store(P + out_k, (k * (sd * tl.rsqrt(sd * sd * kk + EPS))).to(P.dtype.element_ty), mask=ok)
+    q, _ = _conv_silu(X, W, row0, t, T, stride_t, i_h * DK + ck, KC)
+    q = q - (tl.load(DC + i_h) * sd) * k
+    tl.store(Q + out_k, (q * tl.rsqrt(tl.sum(q * q, axis=1) + EPS)[:, None]).to(Q.dtype.element_ty), mask=ok)
+    v, _ = _conv_silu(X, W, row0, t, T, stride_t, 2 * H * DK + i_h * DV + cv, KC)
     tl.store(V + tok[:, None] * DV + cv[None, :], v.to(V.dtype.element_ty), mask=ok)
 
 
@@ -90,25 +90,31 @@ def _inputs_chain_bwd_kernel(X, W, SD, DC, GQ, GK, GV, GP, DY, DSD, DDC, T, stri
     C: tl.constexpr = H * (2 * DK + DV)
     row0 = i_b.to(tl.int64) * stride_b
     sd, dc = tl.load(SD + i_h), tl.load(DC + i_h)
-    sq, yq = _conv_silu(X, W, row0, t, T, stride_t, chq, KC)
-    sk, yk = _conv_silu(X, W, row0, t, T, stride_t, chk, KC)
     ok = (t < T)[:, None]
     tok = (i_b.to(tl.int64) * T + t) * H + i_h
     g_k = tok[:, None] * DK + ck[None, :]
-    p = sk * sd
-    qh = sq - dc * p
-    dqh = _l2_bwd(qh, tl.load(GQ + g_k, mask=ok, other=0.0).to(tl.float32), EPS)
-    dk = _l2_bwd(sk, tl.load(GK + g_k, mask=ok, other=0.0).to(tl.float32), EPS)
-    dp = _l2_bwd(p, tl.load(GP + g_k, mask=ok, other=0.0).to(tl.float32), EPS)
-    dp = dp - dc * dqh                                   # q̂ = q̃ − D·p
-    dk = dk + sd * dp                                    # p = σ(decay)·k̃
-    part = i_b * tl.num_programs(0) + i_t
-    tl.store(DDC + part * H + i_h, -tl.sum(tl.sum(dqh * p, axis=1), axis=0))
-    tl.store(DSD + part * H + i_h, tl.sum(tl.sum(dp * sk, axis=1), axis=0))
     dy_row = (i_b.to(tl.int64) * T + t)[:, None] * C
-    # SiLU'(y) = σ(y)·(1 + y·(1 − σ(y)))
-    s = tl.sigmoid(yq)
+    # k's norms first, then q's, then v: few [BT, D] tiles live at once (as in the forward). p = σ(decay)·k̃ shares
+    # k̃'s sum of squares, and its gradient is folded into k's before q is touched:
+    # dk = dk̂-path + sd·dp with dp = dp̂-path − D·dq̂-path, so dk = (dk̂-path + sd·dp̂-path) − sd·D·dq̂-path.
+    sk, yk = _conv_silu(X, W, row0, t, T, stride_t, chk, KC)
+    kk = tl.sum(sk * sk, axis=1)[:, None]
+    rk, rp = tl.rsqrt(kk + EPS), tl.rsqrt(sd * sd * kk + EPS)
+    gk = tl.load(GK + g_k, mask=ok, other=0.0).to(tl.float32)
+    gp = tl.load(GP + g_k, mask=ok, other=0.0).to(tl.float32)
+    # L2 backward, x̂ = x·r: dx = r·(g − x̂·Σ g·x̂); for p = sd·k̃ (r = rp) written in k̃
+    dp = rp * (gp - (sd * sd * rp * rp) * sk * tl.sum(gp * sk, axis=1)[:, None])
+    dk = rk * (gk - (rk * rk) * sk * tl.sum(gk * sk, axis=1)[:, None]) + sd * dp
+    dsd = tl.sum(tl.sum(dp * sk, axis=1), axis=0)
+    sq, yq = _conv_silu(X, W, row0, t, T, stride_t, chq, KC)
+    dqh = _l2_bwd(sq - (dc * sd) * sk, tl.load(GQ + g_k, mask=ok, other=0.0).to(tl.float32), EPS)
+    s = tl.sigmoid(yq)                                   # SiLU'(y) = σ(y)·(1 + y·(1 − σ(y)))
     tl.store(DY + dy_row + chq[None, :], (dqh * s * (1 + yq * (1 - s))).to(DY.dtype.element_ty), mask=ok)
+    dqk = tl.sum(tl.sum(dqh * sk, axis=1), axis=0)
+    part = i_b * tl.num_programs(0) + i_t
+    tl.store(DDC + part * H + i_h, -sd * dqk)            # q̂ = q̃ − D·p
+    tl.store(DSD + part * H + i_h, dsd - dc * dqk)
+    dk = dk - (sd * dc) * dqh
     s = tl.sigmoid(yk)
     tl.store(DY + dy_row + chk[None, :], (dk * s * (1 + yk * (1 - s))).to(DY.dtype.element_ty), mask=ok)
     _, yv = _conv_silu(X, W, row0, t, T, stride_t, chv, KC)
@@ -129,26 +135,22 @@ def _inputs_conv_bwd_kernel(X, W, DY, DX, DW, T, stride_b, stride_t,
     taps = tl.arange(0, KCP)
     row0 = i_b.to(tl.int64) * stride_b
     dy0 = i_b.to(tl.int64) * T * C
-    # dw products accumulate per token and tap; the sum over tokens is taken once, at the end (a cross-warp
-    # reduction per tile and tap cost more than the loads).
+    # the gradient at the KC following tokens as one [BT, BC, KCP] gather, g[t, c, j] = dy[t + KC − 1 − j, c]:
+    # dx[t] = Σ_j w[j]·g[t, j] and dw[j] = Σ_t g[t, j]·x[t] (the sum over t of dy[t]·x[t − KC + 1 + j], shifted);
+    # the products accumulate per token and tap and the sum over tokens is taken once, at the end (a cross-warp
+    # reduction per tile cost more than the loads)
+    wt = tl.load(W + ch[:, None] * KC + taps[None, :], mask=cok[:, None] & (taps[None, :] < KC), other=0.0)
     acc = tl.zeros([BT, BC, KCP], dtype=tl.float32)
     for t0 in range(i_s * TS, tl.minimum(i_s * TS + TS, T), BT):
         t = t0 + tl.arange(0, BT)
-        dy = tl.load(DY + dy0 + t[:, None] * C + ch[None, :], mask=(t < T)[:, None] & cok[None, :],
-                     other=0.0).to(tl.float32)
-        dx = tl.zeros([BT, BC], dtype=tl.float32)
-        for j in tl.static_range(KC):
-            src = t - (KC - 1) + j                     # dw: the input tap j of output t
-            ok = (src >= 0) & (src < T)
-            x = tl.load(X + row0 + src[:, None] * stride_t + ch[None, :], mask=ok[:, None] & cok[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.where(taps[None, None, :] == j, (dy * x)[:, :, None], 0.0)
-            dst = t + (KC - 1) - j                     # dx: output dst reads input t through tap j
-            g = tl.load(DY + dy0 + dst[:, None] * C + ch[None, :], mask=(dst < T)[:, None] & cok[None, :],
-                        other=0.0).to(tl.float32)
-            dx += g * tl.load(W + ch * KC + j, mask=cok, other=0.0)[None, :]
-        tl.store(DX + dy0 + t[:, None] * C + ch[None, :], dx.to(DX.dtype.element_ty),
-                 mask=(t < T)[:, None] & cok[None, :])
+        tok = (t < T)[:, None] & cok[None, :]
+        x = tl.load(X + row0 + t[:, None] * stride_t + ch[None, :], mask=tok, other=0.0).to(tl.float32)
+        dst = t[:, None] + (KC - 1) - taps[None, :]                                       # [BT, KCP]
+        ok = (dst < T)[:, None, :] & cok[None, :, None] & (taps < KC)[None, None, :]
+        g = tl.load(DY + dy0 + dst[:, None, :] * C + ch[None, :, None], mask=ok, other=0.0).to(tl.float32)
+        acc += g * x[:, :, None]
+        tl.store(DX + dy0 + t[:, None] * C + ch[None, :], tl.sum(g * wt[None, :, :], axis=2).to(DX.dtype.element_ty),
+                 mask=tok)
     part = i_b * tl.num_programs(0) + i_s
     tl.store(DW + part.to(tl.int64) * C * KC + ch[:, None] * KC + taps[None, :], tl.sum(acc, axis=0),
              mask=cok[:, None] & (taps[None, :] < KC))

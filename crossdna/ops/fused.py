@@ -15,8 +15,11 @@ nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reas
   fla's own L2-norm passes.
 * ``dilated_dwconv``: the TokenBridge's five dilated depthwise convs, channel-last, one Triton kernel forward and
   two backward (``crossdna/ops/dwconv_triton.py``).
-* ``rms_norm``, ``gated_rms_norm``, ``swiglu``, ``rotary``: the reference formulas, which ``torch.compile`` fuses
-  with their neighbours.
+* ``rotary``: the reference formula on cos/sin tables that an opaque op computes once per call. Written inline,
+  the tables are pointwise producers that inductor fuses into every consumer, recomputing pow, cos and sin for
+  each element of q and k (and again inside FlexAttention's prologue, once per key block visited).
+* ``rms_norm``, ``gated_rms_norm``, ``swiglu``: the reference formulas, which ``torch.compile`` fuses with their
+  neighbours.
 
 The broken combination of fla issue #640 (Hopper + Triton ≥ 3.4.0 and < 3.7.1: wrong gradients from the gated
 ``chunk_bwd_dqkwg`` unless fla routes it to its tilelang kernel) is detected here with fla's own predicates, so
@@ -37,6 +40,8 @@ from . import pointwise as _pointwise
 from . import register_backend
 from .comba import l2_normalize
 
+# The op namespace follows the module's name: an HF export carries a flat copy of this module.
+_NS = __name__.replace(".", "_")
 SWA_KERNELS = ("flex", "fla", "sdpa")
 _swa_kernel = "flex"
 
@@ -198,13 +203,30 @@ def swa(q, k, v, window, scale=None):
     return o.transpose(1, 2)
 
 
+# -------------------------------------------------------------------------------------------------------- RoPE
+@torch.library.custom_op(f"{_NS}::rotary_tables", mutates_args=())
+def _rotary_tables(length: int, dim: int, base: float, device: torch.device) -> torch.Tensor:
+    return _attention.rotary_tables(length, dim, base, device)
+
+
+@_rotary_tables.register_fake
+def _(length, dim, base, device):
+    return torch.empty(2, length, dim, device=device)
+
+
+def rotary(q, k, base):
+    """:func:`crossdna.ops.attention.rotary` with its tables materialised (see the module docstring)."""
+    tables = _rotary_tables(q.shape[1], q.shape[-1], float(base), q.device)
+    return _attention.apply_rotary(q, tables), _attention.apply_rotary(k, tables)
+
+
 OPS = {
     "comba": comba,
     "swa": swa,
     "comba_inputs": _comba_inputs.comba_inputs,
     "dilated_dwconv": _dwconv.dilated_dwconv,
+    "rotary": rotary,
     # The reference formulas are already what inductor fuses best; named here so the backend is explicit.
-    "rotary": _attention.rotary,
     "rms_norm": _pointwise.rms_norm,
     "gated_rms_norm": _pointwise.gated_rms_norm,
     "swiglu": _pointwise.swiglu,
