@@ -16,11 +16,11 @@ from tests.kernel_checks import rel, run_interpreted
 CUDA = torch.cuda.is_available()
 
 
-def _inputs(B, T, H, K, V, seed=0, device="cpu"):
+def _inputs(B, T, H, K, V, seed=0, device="cpu", decay=0.3):
     """Unit-norm k and p as the input stage hands them over, v, β in (0, 1), small log decays. The layer's p is its
     k (both are normalised multiples of the same conv output); here p is a perturbed k, so that swapping them
     shows, and the keys cluster around three directions (as repeated sequence makes them), so that M's powers up
-    to M¹⁵ are far from negligible."""
+    to M¹⁵ are far from negligible. Log decays are uniform in (−decay, 0)."""
     gen = torch.Generator().manual_seed(seed)
     directions = torch.randn(3, K, generator=gen, dtype=torch.float64)
     pick = torch.randint(0, 3, (B, T, H), generator=gen)
@@ -28,7 +28,7 @@ def _inputs(B, T, H, K, V, seed=0, device="cpu"):
     p = F.normalize(k + 0.3 * torch.randn(B, T, H, K, generator=gen, dtype=torch.float64), dim=-1)
     v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
     beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
-    g = -torch.rand(B, T, H, generator=gen, dtype=torch.float64) * 0.3
+    g = -torch.rand(B, T, H, generator=gen, dtype=torch.float64) * decay
     return [x.to(device) for x in (k, p, v, beta, g)]
 
 
@@ -65,8 +65,9 @@ def check_triton_against_reference(device: str, dtype: torch.dtype, cases) -> li
 
     tol = 2e-6 if dtype == torch.float32 else 1e-2
     failures = []
-    for B, T, H, K, V in cases:
-        k, p, v, beta, g = (x.to(dtype).double() if i < 4 else x for i, x in enumerate(_inputs(B, T, H, K, V)))
+    for B, T, H, K, V, decay in cases:
+        k, p, v, beta, g = (x.to(dtype).double() if i < 4 else x
+                            for i, x in enumerate(_inputs(B, T, H, K, V, decay=decay)))
         pad = (-T) % 64
         padded = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (k, p, v, beta, g)]
         want = [x[:, :T] for x in wy_form(*padded)]
@@ -75,20 +76,22 @@ def check_triton_against_reference(device: str, dtype: torch.dtype, cases) -> li
         for keep in (True, False):
             got = triton_wy_form(*args, keep_inverse=keep)
             if not keep and got[0] is not None:
-                failures.append(f"{(B, T, H, K, V)} {dtype}: an inverse without keep_inverse")
+                failures.append(f"{(B, T, H, K, V, decay)} {dtype}: an inverse without keep_inverse")
             for name, x, ref in zip(("inverse", "w", "u"), got, want):
                 if x is None:
                     continue
                 err = rel(x.cpu(), ref)
                 if x.dtype != dtype or x.shape != ref.shape or not err < tol:
-                    failures.append(f"{(B, T, H, K, V)} {dtype} keep_inverse={keep} {name}: {x.dtype} "
+                    failures.append(f"{(B, T, H, K, V, decay)} {dtype} keep_inverse={keep} {name}: {x.dtype} "
                                     f"{tuple(x.shape)}, rel {err:.2e} (tol {tol:.0e})")
     return failures
 
 
-CASES = [  # B, T, H, K, V
-    (2, 128, 3, 16, 32),
-    (1, 100, 2, 32, 16),     # a ragged last chunk that ends inside its third 16-row block
+CASES = [  # B, T, H, K, V, log-decay scale
+    (2, 128, 3, 16, 32, 0.3),
+    (1, 100, 2, 32, 16, 0.3),   # a ragged last chunk that ends inside its third 16-row block
+    # Comba's strongest heads decay by up to ~11 nats a token: past T, 2^(0 − γ) of a padded row overflows (0·inf)
+    (1, 100, 2, 32, 16, 8.0),
 ]
 
 
@@ -107,7 +110,7 @@ def test_triton_kernel_matches_reference_and_fla_on_gpu(dtype):
     """At the 8.1M model's shape (8 heads of 64, 1024 tokens) and a ragged one; and against fla's
     chunk_scaled_dot_comba_pkt_fwd + solve_tril + recompute_w_u_fwd on the same inputs (in fp32 fla builds M and w
     with TF32 dots)."""
-    failures = check_triton_against_reference("cuda", dtype, [*CASES, (3, 1024, 8, 64, 64), (2, 300, 8, 64, 64)])
+    failures = check_triton_against_reference("cuda", dtype, [*CASES, (3, 1024, 8, 64, 64, 0.3), (2, 300, 8, 64, 64, 8.0)])
     assert not failures, "\n".join(failures)
 
     from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd

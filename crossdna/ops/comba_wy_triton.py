@@ -59,12 +59,15 @@ def _rows(K, P, V, BETA, G0, G, row, T, i_h, H: tl.constexpr, DK: tl.constexpr, 
 def _m_block(pb, g0, k, g, DIAG: tl.constexpr, DOT: tl.constexpr):
     """M's block of one row block (pb, g0) and one column block (k, g); on the diagonal only s < t is kept."""
     m = tl.dot(pb, tl.trans(k), input_precision=DOT)
+    # For s < t the exponent γ⁰_t − γ_s is ≤ 0 (decays). The others can overflow 2^x to inf: the upper triangle,
+    # and the rows past T of a ragged last chunk (γ⁰ loaded as 0 there, against γ_s of −100s under Comba's strong
+    # decays); their m is 0, but 0·inf is NaN, which the block products then carry into every row. Capping the
+    # exponent at 0 changes no kept entry.
+    decay = tl.exp2(tl.minimum(g0[:, None] - g[None, :], 0.0))
     if DIAG:
         r = tl.arange(0, 16)
-        keep = r[:, None] > r[None, :]
-        # the kept exponents are ≤ 0; the masked ones could overflow, so they are zeroed before exp2
-        return tl.where(keep, m * tl.exp2(tl.where(keep, g0[:, None] - g[None, :], 0.0)), 0.0)
-    return m * tl.exp2(g0[:, None] - g[None, :])
+        return tl.where(r[:, None] > r[None, :], m * decay, 0.0)
+    return m * decay
 
 
 @triton.jit
