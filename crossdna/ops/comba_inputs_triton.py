@@ -24,10 +24,10 @@ import triton.language as tl
 # The op namespace follows the module's name: an HF export carries a flat copy of this module, and both copies can
 # be imported into one process.
 _NS = __name__.replace(".", "_")
-# Tile shapes, chosen by benchmarks/triton_tiles_bench.py on an H200 at B = 150 (results/triton_tiles_h200.json).
-FWD_TILE = {"BT": 64, "num_warps": 4}                 # tokens per program, one head
+# Tile shapes, chosen by benchmarks/triton_tiles_bench.py on an H200 at B = 150 (results/triton_tiles_h200_comba_inputs.json).
+FWD_TILE = {"BT": 16, "num_warps": 2}                 # tokens per program, one head
 CHAIN_TILE = {"BT": 32, "num_warps": 2}               # the backward's per-token chain: tokens per program
-CONV_TILE = {"BT": 32, "BC": 32, "num_warps": 2}      # the conv backward: tokens per tile, channels per program
+CONV_TILE = {"BT": 16, "BC": 128, "num_warps": 2}     # the conv backward: tokens per tile, channels per program
 _T_SPLIT = 256    # tokens per conv-backward program (its tiles run in a loop and share one partial sum)
 
 
