@@ -17,7 +17,7 @@ nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reas
   two backward (``crossdna/ops/dwconv_triton.py``).
 * ``rotary``: the reference formula on cos/sin tables that an opaque op computes once per call. Written inline,
   the tables are pointwise producers that inductor fuses into every consumer, recomputing pow, cos and sin for
-  each element of q and k (and again inside FlexAttention's prologue, once per key block visited).
+  each element of q and k (6.5 ms of forward kernels per B = 150 step on an H200; 1.5 ms reading the tables).
 * ``rms_norm``, ``gated_rms_norm``, ``swiglu``: the reference formulas, which ``torch.compile`` fuses with their
   neighbours.
 
