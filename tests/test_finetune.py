@@ -15,7 +15,7 @@ from crossdna.finetune.config import BenchmarkConfig, TaskConfig, TrainConfig
 from crossdna.finetune.data import encode, load_splits
 from crossdna.finetune.heads import SequenceModel, masked_mean
 from crossdna.finetune.readers import read_split
-from crossdna.finetune.trainer import finetune
+from crossdna.finetune.trainer import NonFiniteLoss, finetune
 from crossdna.hf.weights import load_backbone, save_weights
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tasks"
@@ -109,6 +109,20 @@ def test_full_finetune_learns_real_tf_binding_rows():
     unused = {"out_linear.weight", "out_linear.bias"}  # the MLM head is not part of the representation
     frozen = [k for k, v in backbone.named_parameters() if k not in unused and torch.equal(v, before[k])]
     assert frozen == []
+
+
+def test_a_non_finite_training_loss_stops_the_run_and_names_it(gue_cfg):
+    """A NaN loss (here from one poisoned backbone weight; on the GPU once from a kernel overflow at a ragged length)
+    is reported at the first evaluation with the task, seed and step window, instead of training on NaN."""
+    task = gue_cfg.tasks[0]
+    splits = load_splits(gue_cfg, task)
+    torch.manual_seed(0)
+    backbone, _ = load_backbone("scratch", "tiny", TINY)
+    with torch.no_grad():
+        backbone.branchA_core.layers[0].comba.a_proj.weight[0, 0] = float("nan")
+    train = TrainConfig(evals_per_epoch=1, eval_batch_size=64, max_steps=2, model_overrides=TINY)
+    with pytest.raises(NonFiniteLoss, match=r"finetuning tf0 \(seed 0\): .* steps 1-2 is nan"):
+        finetune(task, train, splits, backbone, backbone.cfg.d_model, seed=0, progress=False)
 
 
 def test_gate_warm_up_continues_the_backbone_step(gue_cfg):

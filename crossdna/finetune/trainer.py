@@ -27,6 +27,10 @@ from launcher.optim import set_lr
 LogFn = Callable[[int, dict[str, float]], None]
 
 
+class NonFiniteLoss(RuntimeError):
+    """The training loss went NaN or infinite: a bug or a divergence, which training on would only spread."""
+
+
 @dataclass
 class FinetuneResult:
     task: str
@@ -201,6 +205,11 @@ def finetune(task: TaskConfig, train_cfg: TrainConfig, splits: TaskSplits, backb
             bar.update()
             if step % eval_every == 0 or step == total:
                 train_loss = float(loss_sum) / loss_count  # one host sync per evaluation, not per step
+                if not math.isfinite(train_loss):
+                    raise NonFiniteLoss(
+                        f"finetuning {task.name} (seed {seed}): the mean training loss over steps "
+                        f"{step - loss_count + 1}-{step} is {train_loss} (lr {lr:g}, precision {train_cfg.precision}, "
+                        f"device {device}); stopped before evaluating or keeping those weights")
                 loss_sum.zero_()
                 loss_count = 0
                 metrics = evaluate(val)
