@@ -304,6 +304,11 @@ class Trainer:
             preempt.uninstall()
             progress.close()
             self.tracker.close(status)
+        if code in (NONFINITE_EXIT_CODE, REQUEUE_EXIT_CODE):
+            # Planned exits are agreed on all-reduced values, so every rank is here and they can meet once more. A rank
+            # that exited first would have torchrun kill the others while rank 0 still closes the run (its status,
+            # the tracker's last writes), and its closed sockets can abort a rank whose process group is still up.
+            dist.barrier()
         return code
 
 
