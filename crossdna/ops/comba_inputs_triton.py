@@ -24,7 +24,8 @@ import triton.language as tl
 # The op namespace follows the module's name: an HF export carries a flat copy of this module, and both copies can
 # be imported into one process.
 _NS = __name__.replace(".", "_")
-# Tile shapes, chosen by benchmarks/triton_tiles_bench.py on an H200 at B = 150 (results/triton_tiles_h200_comba_inputs.json).
+# Tile shapes, chosen by benchmarks/triton_tiles_bench.py on an H200 at B = 150
+# (results/triton_tiles_h200_comba_inputs.json).
 FWD_TILE = {"BT": 16, "num_warps": 2}                 # tokens per program, one head
 CHAIN_TILE = {"BT": 32, "num_warps": 2}               # the backward's per-token chain: tokens per program
 CONV_TILE = {"BT": 16, "BC": 128, "num_warps": 2}     # the conv backward: tokens per tile, channels per program
@@ -149,8 +150,8 @@ def _inputs_conv_bwd_kernel(X, W, DY, DX, DW, T, stride_b, stride_t,
         ok = (dst < T)[:, None, :] & cok[None, :, None] & (taps < KC)[None, None, :]
         g = tl.load(DY + dy0 + dst[:, None, :] * C + ch[None, :, None], mask=ok, other=0.0).to(tl.float32)
         acc += g * x[:, :, None]
-        tl.store(DX + dy0 + t[:, None] * C + ch[None, :], tl.sum(g * wt[None, :, :], axis=2).to(DX.dtype.element_ty),
-                 mask=tok)
+        dx = tl.sum(g * wt[None, :, :], axis=2)
+        tl.store(DX + dy0 + t[:, None] * C + ch[None, :], dx.to(DX.dtype.element_ty), mask=tok)
     part = i_b * tl.num_programs(0) + i_s
     tl.store(DW + part.to(tl.int64) * C * KC + ch[:, None] * KC + taps[None, :], tl.sum(acc, axis=0),
              mask=cok[:, None] & (taps[None, :] < KC))

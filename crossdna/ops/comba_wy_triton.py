@@ -23,8 +23,8 @@ inputs (the faithful precision) "ieee", the exact fp32 product. Tiles from ``ben
 at B = 150 on an H200, bf16 (`benchmarks/results/triton_tiles_h200_wy_form.json`): 0.595 ms per call at 1 warp
 and "tf32" (2 warps: 0.597), against 1.009 ms at the first tile (2 warps, "ieee") and 1.19 ms for fla's three
 kernels; "tf32x3" gave 0.769. Every tile takes ≥ 215 registers per thread, which caps occupancy at 8 warps per
-SM: the kernel is latency-bound, at 2.6× its byte floor. Loading each 16-row block where it is used instead of once (fewer live
-registers on paper) was slower (0.626 ms): the compiler hoists the loads and spills.
+SM: the kernel is latency-bound, at 2.6× its byte floor. Loading each 16-row block where it is used instead of
+once (fewer live registers on paper) was slower (0.626 ms): the compiler hoists the loads and spills.
 """
 from __future__ import annotations
 
