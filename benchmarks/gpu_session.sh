@@ -23,6 +23,8 @@
 #   compiled     the same with torch.compile
 #   tiles-bench  benchmarks/triton_tiles_bench.py: our Triton kernels per tile shape, against their floors
 #   b150         compiled, B=150 alone, with a profile (BENCH_TAG names the result file)
+#   autotune-b150  the same with torch.compile's max-autotune (no CUDA graphs): Triton GEMM templates and flex configs
+#   flex-tiles   benchmarks/triton_tiles_bench.py flex: FlexAttention's block mask and kernel options
 #   base-b150    the same on the source tree in .gpu/base (e.g. `git archive` of an earlier commit): a baseline
 #                measured on the same machine
 #   graphed      compiled, timed uncaptured and then with the whole step captured as one CUDA graph
@@ -63,7 +65,7 @@ for stage in "$@"; do
                python3 -c "import torch, triton, fla, tilelang; from crossdna.ops import fused; print(torch.__version__, triton.__version__, fla.__version__, tilelang.__version__, torch.cuda.get_device_name(0), 'fused unavailable:', repr(fused.UNAVAILABLE))" 2>&1 | tail -3 | tee -a "$LOG" ;;
     install-mlflow) pip_install .gpu/mlflow/*.whl 2>&1 | tail -3 | tee -a "$LOG" ;;
     tests) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -v -rs --tb=line -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -60 | tee -a "$LOG" ;;
-    tests-inputs) timeout 400 python3 -m pytest tests/test_ops_comba_inputs.py tests/test_ops_comba_wy.py tests/test_ops_dwconv.py tests/test_ops_fused.py -m gpu -k "${INPUT_TESTS:-on_gpu or layer or model_fp32 or host_sync}" -v -rA --tb=short -p no:logging --timeout 300 > "$OUT/tests-inputs.log" 2>&1
+    tests-inputs) timeout 400 python3 -m pytest tests/test_ops_comba_inputs.py tests/test_ops_comba_wy.py tests/test_ops_comba_output.py tests/test_ops_dwconv.py tests/test_ops_fused.py -m gpu -k "${INPUT_TESTS:-on_gpu or layer or model_fp32 or host_sync}" -v -rA --tb=short -p no:logging --timeout 300 > "$OUT/tests-inputs.log" 2>&1
                   grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" "$OUT/tests-inputs.log" | tail -30 | tee -a "$LOG" ;;
     tests-graphs) timeout 450 python3 -m pytest tests/test_finetune_gpu.py tests/test_launcher_gpu.py tests/test_ops_fused.py -m gpu -k "${GRAPH_TESTS:-graph or captured}" -v -rA --tb=long -p no:logging --timeout 350 > "$OUT/tests-graphs.log" 2>&1
                   grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" "$OUT/tests-graphs.log" | tail -30 | tee -a "$LOG" ;;
@@ -99,6 +101,8 @@ PY
     compiled) bench 330 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     graphed) bench 400 --comba-precision autocast --compile --cuda-graph --warmup 3 --steps 20 --profile 2 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     tiles-bench) timeout 400 python3 benchmarks/triton_tiles_bench.py "$OUT" 2>&1 | tail -8 | tee -a "$LOG" ;;
+    autotune-b150) bench 590 --batch 150 --comba-precision autocast --compile --compile-mode max-autotune-no-cudagraphs --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
+    flex-tiles) timeout 400 python3 benchmarks/triton_tiles_bench.py "$OUT" flex 2>&1 | grep -v TileLang | tail -16 | tee -a "$LOG" ;;
     b150) bench 400 --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     base-b150) (cd .gpu/base && PYTHONPATH=/tmp/site:$PWD timeout 400 python3 -m crossdna.cli bench train-step --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT" --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 --tag base_b150_compile) 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     budget) bench 400 --batch 150 --comba-precision autocast --compile --activation-budget "${BUDGET:-0.5}" --warmup 3 --steps 10 ${BENCH_TAG:+--tag "$BENCH_TAG"} > "$OUT/budget.log" 2>&1

@@ -1,11 +1,13 @@
 """The project's Triton kernels at the 8.1M model's B = 150 shapes, per tile configuration (tokens and channels per
 program, warps), each kernel on its own, against its byte floor (each tensor read once, written once) at the copy
 bandwidth measured here: Comba's input stage (crossdna/ops/comba_inputs_triton.py), Comba's WY form
-(crossdna/ops/comba_wy_triton.py, also against fla's three kernels it replaces, with their difference) and the
-TokenBridge's dilated depthwise convs (crossdna/ops/dwconv_triton.py). Writes ``triton_tiles_<device>.json``; the
-modules' tile dicts are left at the fastest, which is what the modules' defaults are set from.
+(crossdna/ops/comba_wy_triton.py, also against fla's three kernels it replaces, with their difference), Comba's
+recurrence and output (crossdna/ops/comba_output_triton.py, also against fla's two), the TokenBridge's dilated
+depthwise convs (crossdna/ops/dwconv_triton.py) and FlexAttention's block mask and kernel options
+(crossdna/ops/fused.py ``FLEX_TILE``). Writes ``triton_tiles_<device>.json``; the modules' tile dicts are left at the
+fastest, which is what the modules' defaults are set from.
 
-    python benchmarks/triton_tiles_bench.py OUT_DIR [comba_inputs wy_form dilated_dwconv]
+    python benchmarks/triton_tiles_bench.py OUT_DIR [comba_inputs wy_form dilated_dwconv state_output flex]
 
 A subset writes ``triton_tiles_<device>_<families>.json``.
 """
@@ -22,7 +24,7 @@ import triton
 from triton.testing import do_bench
 
 from crossdna.ops import comba_inputs_triton as kernels
-from crossdna.ops import comba_wy_triton, dwconv_triton
+from crossdna.ops import comba_output_triton, comba_wy_triton, dwconv_triton
 from launcher.run_tags import git_state
 
 B, T, H, K, V, TAPS = 150, 1024, 8, 64, 64, 4
@@ -153,7 +155,90 @@ def _bridge_sweeps(floor) -> dict:
             "shape": {"B": B, "T": T, "C": D, "K": BRIDGE_K, "dilations": DILATIONS}}
 
 
-FAMILIES = {"comba_inputs": _inputs_sweeps, "wy_form": _wy_sweep, "dilated_dwconv": _bridge_sweeps}
+def _state_output_sweep(floor) -> dict:
+    """Our recurrence-and-output kernel per tile, after the WY form, against fla's ``fwd_h`` + ``fwd_o`` on the same
+    w, u (time and difference)."""
+    from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_fwd_o
+    from fla.ops.utils.constant import RCP_LN2
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q, k, p = (torch.nn.functional.normalize(torch.randn(B, T, H, K, device=dev), dim=-1).to(dt) for _ in range(3))
+    v = torch.randn(B, T, H, V, device=dev, dtype=dt)
+    beta = torch.rand(B, T, H, device=dev).to(dt)
+    g0, gam = chunk_comba_cumsum_scalar_fwd(-torch.rand(B, T, H, device=dev) * 0.1, chunk_size=64, scale=RCP_LN2)
+    _, w, u = comba_wy_triton.wy_form(k, p, v, beta, g0, gam, keep_inverse=False)
+
+    def fla() -> torch.Tensor:
+        h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=gam)
+        return chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=gam, scale=K ** -0.5)
+
+    nbytes = 5 * q.numel() * q.element_size() + gam.numel() * 4     # q, k, w, u read, o written; γ
+    rows = _sweep(comba_output_triton.STATE_TILE, {"BV": (32, 64), "num_warps": (4, 8)},
+                  lambda: comba_output_triton.state_output(q, k, w, u, gam, K ** -0.5), floor(nbytes),
+                  "state+o", comba_output_triton._state_output_kernel)
+    fla_ms = do_bench(fla, return_mode="median")
+    ours = comba_output_triton.state_output(q, k, w, u, gam, K ** -0.5)
+    theirs = fla()
+    difference = ((ours.double() - theirs.double()).norm() / theirs.double().norm()).item()
+    print(f"fla's fwd_h + fwd_o: {fla_ms:.3f} ms; relative difference {difference:.1e}", flush=True)
+    return {"sweeps": {"state_output": rows}, "best": comba_output_triton.STATE_TILE,
+            "shape": {"B": B, "T": T, "H": H, "K": K, "V": V}, "fla_fwd_h_and_fwd_o_ms": fla_ms,
+            "rel_difference_to_fla": difference}
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.float() - ref).norm() / ref.norm()).item()
+
+
+def _flex_sweep(floor) -> dict:
+    """The sliding-window attention (FlexAttention, band block mask) of the 8.1M model, forward + backward and
+    forward alone, per block-mask size and kernel options. A combination flex rejects is recorded, not fatal."""
+    from crossdna.ops import attention, fused
+
+    Ta, Ha, Da, W = 1024, 8, 16, 512
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q, k, v = (torch.randn(B, Ta, Ha, Da, device=dev, dtype=dt).requires_grad_() for _ in range(3))
+    do = torch.randn_like(q)
+    # not ROWS_GUARANTEED_SAFE: it needs a kept key in each row's first scheduled block, which the band's late rows
+    # lack (pytorch/pytorch#194154); swept on the H200 it gave NaN in every combination
+    tiles = [{"block": block, "options": options} for block in (128, 64) for options in (
+        {}, {"BLOCKS_ARE_CONTIGUOUS": True}, {"BLOCK_M": 64, "BLOCK_N": 64}, {"BLOCK_M": 64, "BLOCK_N": 32},
+        {"num_warps": 8}) if all(options.get(key, 0) <= block for key in ("BLOCK_M", "BLOCK_N"))]
+    nbytes = 5 * q.numel() * q.element_size()  # q, k, v read, o written, lse ignored: forward's floor
+    # each option set is a recompilation of the one compiled flex_attention; past dynamo's cache limit flex would
+    # run uncompiled (dense, slow) and the sweep would time that
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(tiles))
+    # a tile is kept only if its output and q's gradient match the reference on a few sequences: an option that
+    # asserts something untrue of the band (or a flex bug) is fast and wrong
+    n = 4
+    ref_in = [x[:n].detach().float().requires_grad_() for x in (q, k, v)]
+    ref = attention.sliding_window_attention(*ref_in, W, 0.25)
+    ref.backward(do[:n].float())
+    rows = []
+    for tile in tiles:
+        fused.FLEX_TILE.update(tile)
+        try:
+            q.grad = None
+            out = fused.swa(q, k, v, W, 0.25)
+            out.backward(do)
+            error = {"out_rel_error": _rel(out[:n], ref), "dq_rel_error": _rel(q.grad[:n], ref_in[0].grad)}
+            fwd = do_bench(lambda: fused.swa(q.detach(), k.detach(), v.detach(), W, 0.25), return_mode="median")
+            both = do_bench(lambda: fused.swa(q, k, v, W, 0.25).backward(do), return_mode="median")
+            rows.append({**tile, **error, "fwd_ms": fwd, "fwd_bwd_ms": both, "fwd_floor_ms": floor(nbytes)})
+        except Exception as e:  # an option set flex refuses for this shape
+            rows.append({**tile, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        print(f"flex     {rows[-1]}", flush=True)
+    best = min((r for r in rows if "error" not in r and max(r["out_rel_error"], r["dq_rel_error"]) < 2e-2),
+               key=lambda r: r["fwd_bwd_ms"])
+    fused.FLEX_TILE.update(block=best["block"], options=best["options"])
+    return {"sweeps": {"flex": rows}, "best": dict(fused.FLEX_TILE),
+            "shape": {"B": B, "T": Ta, "H": Ha, "D": Da, "window": W}}
+
+
+FAMILIES = {"comba_inputs": _inputs_sweeps, "wy_form": _wy_sweep, "dilated_dwconv": _bridge_sweeps,
+            "state_output": _state_output_sweep, "flex": _flex_sweep}
 
 
 def main(out: Path, families: list[str]) -> None:

@@ -407,3 +407,12 @@ def test_bench_cli_says_it_needs_a_gpu(capsys):
     assert main(["bench", "train-step", "--batch", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["crossdna bench: error: crossdna bench train-step needs a CUDA GPU (none is visible)"]
+
+
+@pytest.mark.parametrize("option", [["--activation-budget", "0.8"], ["--compile-mode", "max-autotune-no-cudagraphs"]])
+def test_bench_cli_compile_options_need_compile(capsys, option):
+    from crossdna.cli import main
+
+    assert main(["bench", "train-step", *option]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"crossdna bench: error: {option[0]} acts on the compiled layers: add --compile"]

@@ -19,6 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fp32: Comba outside autocast as upstream (default); autocast: bf16 Comba")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast at all (fp32 + TF32 everywhere)")
     p.add_argument("--compile", action="store_true", help="torch.compile the layers (crossdna.model.compile)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"],
+                   help="with --compile: torch.compile's mode (max-autotune: inductor times Triton templates "
+                        "against cuBLAS and FlexAttention's tile configs; minutes more warm-up)")
     p.add_argument("--activation-budget", type=float, default=1.0, metavar="F",
                    help="with --compile: keep about this fraction of the saved activations, recompute the rest")
     p.add_argument("--cuda-graph", action="store_true",
@@ -43,15 +46,17 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.activation_budget <= 1.0:
         raise ValueError(f"--activation-budget must be in [0, 1], got {args.activation_budget}")
-    if args.activation_budget < 1.0 and not args.compile:
-        raise ValueError("--activation-budget acts on the compiled layers: add --compile")
+    for name, default in (("activation_budget", 1.0), ("compile_mode", "default")):
+        if getattr(args, name) != default and not args.compile:
+            raise ValueError(f"--{name.replace('_', '-')} acts on the compiled layers: add --compile")
     if any(b < 1 for b in args.batch):
         raise ValueError(f"--batch sizes must be >= 1, got {args.batch}")
     cfg = BenchConfig(batch_sizes=tuple(args.batch), length=args.length, preset=args.preset, kernels=args.kernels,
                       comba_precision=args.comba_precision, amp=not args.no_amp, compile=args.compile,
-                      activation_budget=args.activation_budget, cuda_graph=args.cuda_graph,
-                      swa_kernel=args.swa_kernel, gram=args.gram, warmup=args.warmup, steps=args.steps,
-                      profile_steps=args.profile, fasta=args.fasta or str(DEFAULT_FASTA), tag=args.tag)
+                      compile_mode=args.compile_mode, activation_budget=args.activation_budget,
+                      cuda_graph=args.cuda_graph, swa_kernel=args.swa_kernel, gram=args.gram, warmup=args.warmup,
+                      steps=args.steps, profile_steps=args.profile, fasta=args.fasta or str(DEFAULT_FASTA),
+                      tag=args.tag)
     report = bench(cfg, Path(args.out))
     print(f"wrote {report['path']}")
     return 0

@@ -2,13 +2,16 @@
 pointwise ops. Importing this module registers the backend when it can run here; otherwise it registers
 nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reason).
 
-* ``comba``: fla's chunked Comba kernels, except that the chunk-local WY form (the inverse and w, u) is our Triton
-  kernel (``crossdna/ops/comba_wy_triton.py``: fla's three kernels for it took most of fla's forward time). It runs in
-  v's dtype (fp32 by default, as upstream; bf16 when the model lets Comba follow the ambient autocast); g (log
-  decay) is always fp32 and the state accumulates in fp32 inside the kernels either way.
-* ``swa``: FlexAttention with a causal band block mask (at l = 1024, W = 512 the band touches 30 of the 64
-  128×128 tiles; a causal kernel computes 36, a dense mask 64), fla's ``parallel_attn(window_size=…)``, or SDPA
-  with a dense band mask; :func:`set_swa_kernel` picks one. Flex is the default because inductor compiles it into
+* ``comba``: fla's chunked Comba kernels, except that the forward is two Triton kernels of ours: the chunk-local
+  WY form (the inverse and w, u; ``crossdna/ops/comba_wy_triton.py``: fla's three kernels for it took most of
+  fla's forward time) and the recurrence with the output (``crossdna/ops/comba_output_triton.py``, in place of
+  fla's two, which wrote every chunk's state and read it back). It runs in v's dtype (fp32 by default, as
+  upstream; bf16 when the model lets Comba follow the ambient autocast); g (log decay) is always fp32 and the
+  state accumulates in fp32 inside the kernels either way.
+* ``swa``: FlexAttention with a causal band block mask of 64×64 blocks (at l = 1024, W = 512 the band touches 108
+  of the 256, computing 1.12× the band's pairs; flex's default 128×128 touches 30 of 64, 1.25×, and was 13% slower
+  forward + backward on an H200), fla's ``parallel_attn(window_size=…)``, or SDPA with a dense band mask;
+  :func:`set_swa_kernel` picks one. Flex is the default because inductor compiles it into
   the layer's graph; all three pass the same parity tests (docs/performance.md).
 * ``comba_inputs``: Comba's input stage (three causal depthwise convs, SiLU, the q-correction, the L2 norms of q,
   k, p) as one Triton kernel each way (``crossdna/ops/comba_inputs_triton.py``); ``comba`` then runs without
@@ -34,6 +37,7 @@ import torch
 
 from . import attention as _attention
 from . import comba_inputs_triton as _comba_inputs
+from . import comba_output_triton as _comba_output
 from . import comba_wy_triton as _comba_wy
 from . import dwconv_triton as _dwconv
 from . import pointwise as _pointwise
@@ -44,6 +48,9 @@ from .comba import l2_normalize
 _NS = __name__.replace(".", "_")
 SWA_KERNELS = ("flex", "fla", "sdpa")
 _swa_kernel = "flex"
+# FlexAttention's tile: the block mask's block size (tokens) and the kernels' ``kernel_options`` (flex's own
+# defaults where absent); swept by benchmarks/triton_tiles_bench.py (flex).
+FLEX_TILE: dict = {"block": 64, "options": {}}
 
 
 def hopper_backward_problem() -> str:
@@ -91,17 +98,15 @@ def _unavailable_reason() -> str:
 
 # ----------------------------------------------------------------------------------------------------- Comba
 def _comba_forward(q, k, v, p, g, beta, scale, keep_inverse: bool):
-    """fla's ``chunk_comba_fwd`` (no initial or final state) with our WY-form kernel in place of fla's three
-    (``chunk_scaled_dot_comba_pkt_fwd``, ``solve_tril``, ``recompute_w_u_fwd``) → o and what the backward takes."""
+    """fla's ``chunk_comba_fwd`` (no initial or final state) with our kernels: the WY form in place of fla's three
+    (``chunk_scaled_dot_comba_pkt_fwd``, ``solve_tril``, ``recompute_w_u_fwd``), the recurrence and output in
+    place of its two (``chunk_gated_delta_rule_fwd_h``, ``chunk_fwd_o``) → o and what the backward takes."""
     from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
-    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h
-    from fla.ops.common.chunk_o import chunk_fwd_o
     from fla.ops.utils.constant import RCP_LN2
 
     g0, gam = chunk_comba_cumsum_scalar_fwd(g, chunk_size=_comba_wy.CHUNK, scale=RCP_LN2)
     inverse, w, u = _comba_wy.wy_form(k, p, v, beta, g0, gam, keep_inverse)
-    h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=gam)
-    o = chunk_fwd_o(q=q, k=k, v=v_new, h=h, g=gam, scale=scale)
+    o = _comba_output.state_output(q, k, w, u, gam, scale)
     return o.to(q.dtype), (g0, gam, inverse)
 
 
@@ -174,7 +179,7 @@ def _flex_attention() -> Callable:
 def band_block_mask(length: int, window: int, device: torch.device):
     """FlexAttention block mask of the causal band i − window < j ≤ i, cached per shape and device (built in
     eager mode; :func:`crossdna.model.compile.compile_model` builds it before compiling)."""
-    key = (length, window, str(device))
+    key = (length, window, str(device), FLEX_TILE["block"])
     mask = _block_masks.get(key)
     if mask is None:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -182,7 +187,7 @@ def band_block_mask(length: int, window: int, device: torch.device):
         def band(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
-        mask = create_block_mask(band, None, None, length, length, device=device)
+        mask = create_block_mask(band, None, None, length, length, device=device, BLOCK_SIZE=FLEX_TILE["block"])
         if not torch.compiler.is_compiling():
             _block_masks[key] = mask
     return mask
@@ -199,7 +204,7 @@ def swa(q, k, v, window, scale=None):
     length = q.shape[1]
     mask = band_block_mask(length, min(window, length), q.device)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    o = _flex_attention()(q, k, v, block_mask=mask, scale=scale)
+    o = _flex_attention()(q, k, v, block_mask=mask, scale=scale, kernel_options=FLEX_TILE["options"] or None)
     return o.transpose(1, 2)
 
 
