@@ -28,7 +28,8 @@
 #   base-b150    the same on the source tree in .gpu/base (e.g. `git archive` of an earlier commit): a baseline
 #                measured on the same machine
 #   graphed      compiled, timed uncaptured and then with the whole step captured as one CUDA graph
-#   budget       compiled with activation_budget $BUDGET (default 0.5), B=150 (memory for time)
+#   budget       compiled with activation_budget $BUDGET (default 0.5; several values: BUDGET="0.95 0.9"), B=150
+#                (memory for time)
 #   faithful     eager with fp32 Comba (the upstream numerics)
 #   faithful-compiled  fp32 Comba with torch.compile
 #   pretrain     shard the full chr20 and pretrain configs/pretrain/8m-chr20-1gpu.yaml into /tmp/run-8m; the
@@ -47,7 +48,7 @@
 # .gpu/cache/autotune_cache.tgz from `save-cache` a bench warms up in ~1 min.
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-if [ -f .gpu/chr20/20.fa.gz ]; then mkdir -p /tmp/chr20 && cp -n .gpu/chr20/* /tmp/chr20/; fi
+if [ -f .gpu/chr20/20.fa.gz ]; then mkdir -p /tmp/chr20 && cp -u .gpu/chr20/* /tmp/chr20/; fi
 export CROSSDNA_CHR20_FASTA=/tmp/chr20/20.fa.gz
 RUN=/tmp/run-8m
 OUT=${OUT:-/tmp/crossdna-out}
@@ -105,8 +106,10 @@ PY
     flex-tiles) timeout 400 python3 benchmarks/triton_tiles_bench.py "$OUT" flex 2>&1 | grep -v TileLang | tail -16 | tee -a "$LOG" ;;
     b150) bench 400 --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     base-b150) (cd .gpu/base && PYTHONPATH=/tmp/site:$PWD timeout 400 python3 -m crossdna.cli bench train-step --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT" --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 --tag base_b150_compile) 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
-    budget) bench 400 --batch 150 --comba-precision autocast --compile --activation-budget "${BUDGET:-0.5}" --warmup 3 --steps 10 ${BENCH_TAG:+--tag "$BENCH_TAG"} > "$OUT/budget.log" 2>&1
-            echo "budget exit $?" | tee -a "$LOG"; grep -v TileLang "$OUT/budget.log" | tail -4 | tee -a "$LOG" ;;
+    budget) for b in ${BUDGET:-0.5}; do  # one run per value, each a recompilation; the result file is named by it
+              bench 400 --batch 150 --comba-precision autocast --compile --activation-budget "$b" --warmup 3 --steps 10 ${BENCH_TAG:+--tag "${BENCH_TAG}_budget$b"} > "$OUT/budget$b.log" 2>&1
+              echo "budget $b exit $?" | tee -a "$LOG"; grep -v TileLang "$OUT/budget$b.log" | tail -2 | tee -a "$LOG"
+            done ;;
     pretrain) timeout 60 python3 -m crossdna.cli shard build --config configs/shard/chr20.yaml --out /tmp/chr20-shards --quiet fasta="$CROSSDNA_CHR20_FASTA" 2>&1 | tail -2 | tee -a "$LOG"
               start=$(date +%s)
               timeout 560 python3 -m launcher.train --config configs/pretrain/8m-chr20-1gpu.yaml data.path=/tmp/chr20-shards trainer.run_dir=$RUN > "$OUT/pretrain.log" 2>&1
