@@ -22,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-CHUNK = 64                                   # fla's Comba chunk
 STATE_TILE = {"BV": 64, "num_warps": 4}      # V columns of the state per program
 
 
@@ -32,7 +31,7 @@ def _state_output_kernel(Q, K, W, U, G, O, T, scale, H: tl.constexpr, DK: tl.con
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     ck, cv = tl.arange(0, DK), i_v * BV + tl.arange(0, BV)
-    r = tl.arange(0, 64)
+    r = tl.arange(0, 64)                     # fla's Comba chunk: γ restarts every 64 tokens
     state = tl.zeros([DK, BV], dtype=tl.float32)
     for i_t in range(tl.cdiv(T, 64)):
         t = i_t * 64 + r
