@@ -103,12 +103,10 @@ def check_triton_against_reference(device: str, dtype: torch.dtype, cases, compi
 def test_triton_kernels_match_reference_interpreted():
     """The kernels' index arithmetic, masks, tails and gradient chain, on CPU through TRITON_INTERPRET=1 (set
     before Triton is imported, hence a fresh interpreter)."""
-    code = ("import torch, sys; from tests.test_ops_comba_inputs import CASES, check_triton_against_reference as c;"
-            "from crossdna.ops import comba_inputs_triton as k; f = c('cpu', torch.float32, CASES);"
-            # other tile shapes: the benchmark may choose any of them
-            "k.FWD_TILE['BT'] = k.CHAIN_TILE['BT'] = 128; k.CONV_TILE.update(BT=16, BC=128);"
-            "f += c('cpu', torch.float32, CASES[:1]); print('\\n'.join(f)); sys.exit(1 if f else 0)")
-    run_interpreted(code)
+    # other tile shapes too: the benchmark may choose any of them
+    run_interpreted("test_ops_comba_inputs", "check_triton_against_reference",
+                    "from crossdna.ops import comba_inputs_triton as k; k.FWD_TILE['BT'] = k.CHAIN_TILE['BT'] = 128;"
+                    "k.CONV_TILE.update(BT=16, BC=128)", retiled_cases=1)
 
 
 @pytest.mark.gpu

@@ -99,9 +99,7 @@ CASES = [  # B, T, H, K, V, log-decay scale
 def test_triton_kernel_matches_reference_interpreted():
     """Index arithmetic, masks and the block algebra on CPU through TRITON_INTERPRET=1 (set before Triton is imported,
     hence a fresh interpreter)."""
-    code = ("import torch, sys; from tests.test_ops_comba_wy import CASES, check_triton_against_reference as c;"
-            "f = c('cpu', torch.float32, CASES); print('\\n'.join(f)); sys.exit(1 if f else 0)")
-    run_interpreted(code)
+    run_interpreted("test_ops_comba_wy", "check_triton_against_reference")
 
 
 @pytest.mark.gpu

@@ -64,11 +64,9 @@ def check_triton_against_reference(device: str, dtype: torch.dtype, cases, compi
 def test_triton_kernels_match_reference_interpreted():
     """Index arithmetic, masks and tails on CPU through TRITON_INTERPRET=1 (set before Triton is imported, hence a
     fresh interpreter), at the default tiles and at another set."""
-    code = ("import torch, sys; from tests.test_ops_dwconv import CASES, check_triton_against_reference as c;"
-            "from crossdna.ops import dwconv_triton as k; f = c('cpu', torch.float32, CASES);"
-            "k.FWD_TILE.update(BT=16, BC=16); k.DX_TILE.update(BT=64, BC=16); k.DW_TILE.update(BT=16, BC=32);"
-            "f += c('cpu', torch.float32, CASES[:2]); print('\\n'.join(f)); sys.exit(1 if f else 0)")
-    run_interpreted(code)
+    run_interpreted("test_ops_dwconv", "check_triton_against_reference",
+                    "from crossdna.ops import dwconv_triton as k; k.FWD_TILE.update(BT=16, BC=16);"
+                    "k.DX_TILE.update(BT=64, BC=16); k.DW_TILE.update(BT=16, BC=32)", retiled_cases=2)
 
 
 @pytest.mark.gpu
