@@ -54,6 +54,11 @@ def _sweep(tile: dict, options: dict, run, floor_ms: float, label: str, kernel=N
     return rows
 
 
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 difference of ``x`` to ``ref``, in float64."""
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 def _wy_sweep(floor) -> dict:
     """Our WY-form kernel per tile (with and without writing the inverse), and fla's pkt + solve_tril +
     recompute_w_u on the same inputs (time, and the difference of the three outputs)."""
@@ -94,8 +99,7 @@ def _wy_sweep(floor) -> dict:
     print(f"without the inverse: {no_inverse:.3f} ms (floor {floor(qkv_bytes):.3f}); fla's three kernels: "
           f"{fla_ms:.3f} ms; fla's fwd_h + fwd_o after it: {state_ms:.3f} ms", flush=True)
     ours = comba_wy_triton.wy_form(k, p, v, beta, g0, gam)
-    difference = {name: ((a.double() - b.double()).norm() / b.double().norm()).item()
-                  for name, a, b in zip(("inverse", "w", "u"), ours, fla())}
+    difference = {name: _rel(a, b) for name, a, b in zip(("inverse", "w", "u"), ours, fla())}
     return {"sweeps": {"wy_form": rows}, "best": comba_wy_triton.WY_TILE,
             "shape": {"B": B, "T": T, "H": H, "K": K, "V": V}, "without_inverse_ms": no_inverse,
             "without_inverse_floor_ms": floor(qkv_bytes), "fla_pkt_solve_tril_recompute_w_u_ms": fla_ms,
@@ -179,17 +183,11 @@ def _state_output_sweep(floor) -> dict:
                   lambda: comba_output_triton.state_output(q, k, w, u, gam, K ** -0.5), floor(nbytes),
                   "state+o", comba_output_triton._state_output_kernel)
     fla_ms = do_bench(fla, return_mode="median")
-    ours = comba_output_triton.state_output(q, k, w, u, gam, K ** -0.5)
-    theirs = fla()
-    difference = ((ours.double() - theirs.double()).norm() / theirs.double().norm()).item()
+    difference = _rel(comba_output_triton.state_output(q, k, w, u, gam, K ** -0.5), fla())
     print(f"fla's fwd_h + fwd_o: {fla_ms:.3f} ms; relative difference {difference:.1e}", flush=True)
     return {"sweeps": {"state_output": rows}, "best": comba_output_triton.STATE_TILE,
             "shape": {"B": B, "T": T, "H": H, "K": K, "V": V}, "fla_fwd_h_and_fwd_o_ms": fla_ms,
             "rel_difference_to_fla": difference}
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.float() - ref).norm() / ref.norm()).item()
 
 
 def _flex_sweep(floor) -> dict:
