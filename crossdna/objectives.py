@@ -6,6 +6,7 @@ passes, and metrics are detached tensors.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -140,6 +141,14 @@ def semantic_preservation(h: torch.Tensor, r: torch.Tensor, cfg: ObjectiveConfig
     return loss
 
 
+@functools.cache
+def _compiled_semantic_preservation():
+    # Eager, the term and its backward are ~20 passes over [B, L, d] fp32 tensors (differences, shifts, squares,
+    # means, the autograd of each); compiled, each direction reads h and r once. One compilation per run: the shapes
+    # and the objective's weights are fixed.
+    return torch.compile(semantic_preservation, dynamic=False)
+
+
 def _reduce_blocks(per_block: list[torch.Tensor], cfg: ObjectiveConfig) -> torch.Tensor:
     values = torch.cat(per_block)
     return values.mean() if cfg.aux_block_reduction == "mean" else values.sum()
@@ -155,19 +164,22 @@ def top1(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) ->
 
 def pretrain_loss(out: PretrainOutput, labels: torch.Tensor, loss_mask: torch.Tensor, step: int,
                   cfg: ObjectiveConfig | None = None,
-                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> LossTerms:
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None, compiled: bool = False) -> LossTerms:
     """labels: clean ids [B,L] (0..4); loss_mask: bool [B,L] (scored positions); step: the optimizer step.
 
     ``weights``: (w_sem, w_gate) as device tensors holding ``loss_weights(step, ...)``, for a step captured as a
-    CUDA graph (a float would be baked into the capture; the caller refills the tensors)."""
+    CUDA graph (a float would be baked into the capture; the caller refills the tensors). ``compiled``: the
+    semantic-preservation term through ``torch.compile`` (for a training loop that compiles the model; its
+    shapes must not change from call to call)."""
     cfg = cfg or ObjectiveConfig()
+    sp = _compiled_semantic_preservation() if compiled else semantic_preservation
     ce = masked_cross_entropy(out.logits, labels, loss_mask)
     zero = ce.new_zeros(())
 
     w_sem, w_gate = loss_weights(step, out.gate_freeze_steps, cfg) if weights is None else weights
     if out.target_a is not None and out.target_b is not None:
         per_block = [
-            semantic_preservation(fa, ta, cfg) + semantic_preservation(fb, tb, cfg)
+            sp(fa, ta, cfg) + sp(fb, tb, cfg)
             for fa, ta, fb, tb in zip(*(_blocks(x, out.block_size) for x in (out.fa, out.target_a, out.fb, out.target_b)))
         ]
         sem = _reduce_blocks(per_block, cfg)

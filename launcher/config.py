@@ -45,6 +45,8 @@ class TrainerConfig:
                                         # the 2x of docs/performance.md); ddp and fsdp
     compile_activation_budget: float = 1.0  # < 1: compiled layers recompute cheap ops instead of saving them
                                         # (memory for time; crossdna/model/compile.py)
+    overlap_teacher: bool = False       # on a GPU, the teacher's passes on a second CUDA stream beside the student's
+                                        # forward (SSScanDNAHybridModel.overlap_teacher); ignored on the CPU
     # Capture each micro-batch's forward + backward as a CUDA graph and replay it (crossdna/cuda_graphs.py): no
     # per-kernel host work, which bounds a step on one GPU at small batches (docs/performance.md). auto: on a
     # single CUDA process with strategy ddp; on: also across ranks (gradients averaged by one flat all-reduce

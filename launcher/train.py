@@ -79,6 +79,7 @@ class Trainer:
         # copy, so the copies must agree); afterwards every rank gets its own stream for dropout.
         torch.manual_seed(derive_seed(t.seed, "init"))
         model = SSScanDNAHybridModel(cfg.model)
+        model.overlap_teacher = t.overlap_teacher
         if t.init_weights:
             load_weights(model, t.init_weights)
         # Kernel choice at start-up, not at the first forward: 'fused' that cannot run (e.g. fla #640 on Hopper
@@ -168,7 +169,8 @@ class Trainer:
         """One micro-batch's forward, losses and backward: the loss terms and metrics as one tensor (TERMS +
         METRICS). What a CUDA graph captures: no host reads, no Python branch on tensor values."""
         out = self.engine.forward(batch["input_ids"])
-        terms = pretrain_loss(out, batch["labels"], batch["loss_mask"], self.step, self.cfg.objective, self._weights)
+        terms = pretrain_loss(out, batch["labels"], batch["loss_mask"], self.step, self.cfg.objective, self._weights,
+                              compiled=self.cfg.trainer.compile)
         total = self._inject_fault(terms)
         self.engine.backward(total)
         return torch.stack([total.detach(), terms.ce.detach(), terms.sem.detach(), terms.gate.detach(), terms.acc,

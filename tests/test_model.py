@@ -408,3 +408,32 @@ def test_ablations_run_end_to_end(changes):
         assert torch.equal(again.target_a, out.target_a)  # no dropout in the teacher pass
     else:
         assert model.bridge is None and not any("bridge" in k for k in model.state_dict())
+
+
+def test_compiled_model_is_the_eager_model():
+    """compile_model (inductor's C++ on the CPU): the layers, bridges and the fusion head (``_fuse``) compiled give
+    the eager model's pretraining loss and gradients. The fusion head must be the compiled wrapper, not the method."""
+    from tests.requires import tool
+
+    from crossdna.model.compile import compile_model
+
+    tool("g++")  # inductor's CPU code is C++
+    torch.manual_seed(0)
+    cfg = CrossDNAConfig.preset("tiny").replace(dropout=0.0, bridge_dropout=0.0)
+    eager = SSScanDNAHybridModel(cfg).train()
+    eager.set_step(cfg.gate_freeze_steps + 1)  # the gate open: gate_fuse, sigmoid and the mix in the graph
+    compiled = compile_model(SSScanDNAHybridModel(cfg).train())
+    compiled.load_state_dict(eager.state_dict())
+    compiled.set_step(cfg.gate_freeze_steps + 1)
+    assert hasattr(compiled._fuse, "_torchdynamo_orig_callable")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 5, (2, 256), generator=g)
+    mask = torch.rand(2, 256, generator=g) < 0.15
+    results = []
+    for model in (eager, compiled):
+        loss = pretrain_loss(model(ids, mode="pretrain"), ids, mask, 20000, ObjectiveConfig()).total
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.student_parameters()])))
+    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0.0)
+    assert (compiled_grad - eager_grad).norm() / eager_grad.norm() < 1e-4

@@ -124,3 +124,33 @@ def test_branch_accuracies_score_both_strands_against_forward_labels():
     assert terms.acc.item() == terms.acc_a.item() == 1.0
     assert terms.acc_b.item() == pytest.approx(0.5)   # B predicted the complement where it read the RC strand
     assert not terms.acc_a.requires_grad
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_compiled_semantic_preservation_is_the_eager_term(device):
+    """pretrain_loss(compiled=True) (inductor: C++ on the CPU, Triton on the GPU) against the eager term, two blocks
+    of bf16 features and fp32 targets as the pretraining step has them, values and gradients."""
+    if device == "cpu":
+        from tests.requires import tool
+
+        tool("g++")  # inductor's CPU code is C++
+    g = torch.Generator().manual_seed(0)
+    B, L, d, block = 2, 128, 32, 64
+    fa, fb = (torch.randn(B, L, d, generator=g).to(device, torch.bfloat16).requires_grad_() for _ in range(2))
+    ta, tb = (torch.randn(B, L, d, generator=g).to(device) for _ in range(2))
+    labels = torch.randint(0, 5, (B, L), generator=g).to(device)
+    mask = (torch.rand(B, L, generator=g) < 0.15).to(device)
+    cfg = ObjectiveConfig(sem_warmup_steps=0)
+    terms = {}
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        out = _output(B, L, d, block, fa=fa, fb=fb, ta=ta, tb=tb)
+        out.logits, out.logits_a, out.logits_b = (x.to(device) for x in (out.logits, out.logits_a, out.logits_b))
+        out.a_is_rc = out.a_is_rc.to(device)
+        sem = pretrain_loss(out, labels, mask, 10, cfg, compiled=compiled).sem
+        terms[compiled] = (sem.detach(), *torch.autograd.grad(sem, (fa, fb)))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    for eager, compiled in zip(terms[False], terms[True]):
+        torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-5, atol=1e-7)
+    assert terms[False][0].item() > 0

@@ -354,6 +354,45 @@ def test_cuda_graph_step_replays_the_eager_step():
     assert max(rel(a, b) for a, b in zip(graph_params, eager_params)) < 1e-2
 
 
+@pytest.mark.gpu
+@needs_gpu
+def test_teacher_on_a_side_stream_computes_what_one_stream_computes():
+    """``model.overlap_teacher``: the teacher's passes on a second CUDA stream beside the student's forward. The
+    forward's outputs and targets, and the losses and weights of the benchmark's step captured as one CUDA graph
+    (the stream fork and join inside the capture) over a few steps, against the same on one stream (dropout off).
+    A missing wait before the teacher reads the stems, or a missing join before the loss, gives other targets."""
+    from crossdna.bench.train_step import STEP, make_step
+    from crossdna.cuda_graphs import GraphedStep
+    from crossdna.objectives import ObjectiveConfig
+
+    cfg = CrossDNAConfig.preset("8m").replace(kernels="fused", dropout=0.0, bridge_dropout=0.0)
+    cfg = cfg.replace(comba=dataclasses.replace(cfg.comba, precision="autocast"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(0, 5, (16, 1024), device="cuda", generator=gen)
+        batches.append({"input_ids": ids, "labels": ids.clone(),
+                        "loss_mask": torch.rand(16, 1024, device="cuda", generator=gen) < 0.15})
+    forwards, runs = [], []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = SSScanDNAHybridModel(cfg).cuda().train()
+        model.set_step(STEP)
+        model.overlap_teacher = overlap
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batches[0]["input_ids"], mode="pretrain")
+        forwards.append([out.logits, out.target_a, out.target_b])
+        opt = torch.optim.AdamW(model.student_parameters(), lr=1e-3, fused=True, capturable=True)
+        step = GraphedStep(make_step(model, opt, True, ObjectiveConfig(), STEP), warmup=2)
+        losses = [step(b) for b in batches[:1] * 2 + batches]
+        runs.append((torch.stack(losses).float().cpu(), [p.detach().clone() for p in model.parameters()]))
+    for one, two in zip(*forwards):
+        torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    (one_loss, one_params), (two_loss, two_params) = runs
+    torch.testing.assert_close(two_loss, one_loss, rtol=1e-4, atol=0.0)
+    assert max(rel(a, b) for a, b in zip(two_params, one_params)) < 1e-3
+
+
 # --------------------------------------------------------------------- bf16 training tracks fp32 (200 steps)
 def _chr20() -> Path | None:
     for path in (os.environ.get("CROSSDNA_CHR20_FASTA"), SHARED_DATA / "human_chr20_grch37" / "20.fa.gz"):

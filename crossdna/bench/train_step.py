@@ -46,6 +46,7 @@ class BenchConfig:
     compile_mode: str = "default"      # torch.compile mode of the layers ("max-autotune-no-cudagraphs": autotuned)
     activation_budget: float = 1.0     # compile_model's activation_budget (< 1: recompute instead of saving)
     cuda_graph: bool = False           # capture the whole step once, replay it (no host work per step)
+    overlap_teacher: bool = False      # the teacher's passes on a second CUDA stream beside the student's forward
     swa_kernel: str = "flex"
     gram: str = "off"                  # ObjectiveConfig.gram
     warmup: int = 8
@@ -73,6 +74,8 @@ class BenchConfig:
             parts.append(f"budget{self.activation_budget:g}")
         if self.cuda_graph:
             parts.append("cudagraph")
+        if self.overlap_teacher:
+            parts.append("overlap")
         return "_".join(parts)
 
 
@@ -99,13 +102,13 @@ def real_batches(fasta: str, batch: int, length: int, count: int, seed: int) -> 
 
 
 def make_step(model: SSScanDNAHybridModel, optimizer: torch.optim.Optimizer, amp: bool,
-              objective: ObjectiveConfig, step: int) -> Callable[[dict], torch.Tensor]:
+              objective: ObjectiveConfig, step: int, compiled: bool = False) -> Callable[[dict], torch.Tensor]:
     params = list(model.student_parameters())
 
     def train_step(batch: dict) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = model(batch["input_ids"], mode="pretrain")
-            terms = pretrain_loss(out, batch["labels"], batch["loss_mask"], step, objective)
+            terms = pretrain_loss(out, batch["labels"], batch["loss_mask"], step, objective, compiled=compiled)
         terms.total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
@@ -120,6 +123,7 @@ def build(cfg: BenchConfig, device: torch.device) -> tuple[SSScanDNAHybridModel,
     torch.manual_seed(cfg.seed)
     model = SSScanDNAHybridModel(cfg.model_config()).to(device).train()
     model.set_step(STEP)
+    model.overlap_teacher = cfg.overlap_teacher
     if cfg.kernels != "reference":
         from crossdna.ops import fused
 
@@ -211,7 +215,7 @@ def timed_steps(step: Callable, batches: list[dict], n: int, device: torch.devic
 def bench_batch(cfg: BenchConfig, batch: int, device: torch.device, progress: Callable[[str], None]) -> dict:
     model, optimizer = build(cfg, device)
     objective = ObjectiveConfig(gram=cfg.gram)
-    step = make_step(model, optimizer, cfg.amp, objective, STEP)
+    step = make_step(model, optimizer, cfg.amp, objective, STEP, compiled=cfg.compile)
     batches = [{k: v.to(device, non_blocking=True) for k, v in b.items()}
                for b in real_batches(cfg.fasta, batch, cfg.length, 4, cfg.seed)]
     torch.cuda.synchronize()

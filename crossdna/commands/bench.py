@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "against cuBLAS and FlexAttention's tile configs; minutes more warm-up)")
     p.add_argument("--activation-budget", type=float, default=1.0, metavar="F",
                    help="with --compile: keep about this fraction of the saved activations, recompute the rest")
+    p.add_argument("--overlap-teacher", action="store_true",
+                   help="run the teacher's passes on a second CUDA stream beside the student's forward")
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole step as one CUDA graph after the warm-up and replay it")
     p.add_argument("--swa-kernel", default="flex", choices=["flex", "fla", "sdpa"])
@@ -54,9 +56,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = BenchConfig(batch_sizes=tuple(args.batch), length=args.length, preset=args.preset, kernels=args.kernels,
                       comba_precision=args.comba_precision, amp=not args.no_amp, compile=args.compile,
                       compile_mode=args.compile_mode, activation_budget=args.activation_budget,
-                      cuda_graph=args.cuda_graph, swa_kernel=args.swa_kernel, gram=args.gram, warmup=args.warmup,
-                      steps=args.steps, profile_steps=args.profile, fasta=args.fasta or str(DEFAULT_FASTA),
-                      tag=args.tag)
+                      cuda_graph=args.cuda_graph, overlap_teacher=args.overlap_teacher, swa_kernel=args.swa_kernel,
+                      gram=args.gram, warmup=args.warmup, steps=args.steps, profile_steps=args.profile,
+                      fasta=args.fasta or str(DEFAULT_FASTA), tag=args.tag)
     report = bench(cfg, Path(args.out))
     print(f"wrote {report['path']}")
     return 0

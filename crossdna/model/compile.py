@@ -1,8 +1,8 @@
 """``torch.compile`` for the CrossDNA model, layer by layer, with the fla kernels left opaque.
 
-Each ``EnhancedHybridCore`` (student and EMA teacher), each TokenBridge and the two residual MLP heads is compiled
-on its own (``dynamic=False``: shapes are fixed per run). Layers share code, so one compilation serves all layers
-of a shape; the teacher's no-grad [2B] shape is a second one. fla's ``chunk_comba`` is ``torch.compiler.disable``d
+Each ``EnhancedHybridCore`` (student and EMA teacher) and each TokenBridge is compiled on its own, and so is the
+fusion head (``_fuse``: the two residual MLP heads, the gate and the LayerNorm of their mix); ``dynamic=False``:
+shapes are fixed per run. Layers share code, so one compilation serves all layers of a shape; the teacher's no-grad [2B] shape is a second one. fla's ``chunk_comba`` is ``torch.compiler.disable``d
 by fla (and its backend dispatch too), so dynamo breaks the graph there and runs the Triton/tilelang kernels
 eagerly; everything around them (projections' epilogues, the short convolutions, SiLU, the q-correction, the
 gates, RMSNorms, RoPE, SwiGLU, residuals, LayerNorms) is fused by inductor.
@@ -10,6 +10,7 @@ gates, RMSNorms, RoPE, SwiGLU, residuals, LayerNorms) is fused by inductor.
 from __future__ import annotations
 
 import torch
+import torch._functorch.config  # not imported by `import torch` on every build (e.g. 2.13's CPU wheel)
 from torch import nn
 
 from .hybrid import SSScanDNAHybridModel
@@ -19,7 +20,7 @@ def compiled_modules(model: SSScanDNAHybridModel) -> list[nn.Module]:
     branches = [model.branchA_core, model.branchB_core, *[m for m in model.ema_modules() if hasattr(m, "layers")]]
     layers = [layer for branch in branches for layer in branch.layers]
     bridges = [b for b in (model.bridge, getattr(model, "bridge_ema", None)) if b is not None]
-    return [*layers, *bridges, model.proj_A, model.proj_B]
+    return [*layers, *bridges]
 
 
 def compile_model(model: SSScanDNAHybridModel, mode: str | None = None,
@@ -42,4 +43,5 @@ def compile_model(model: SSScanDNAHybridModel, mode: str | None = None,
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for module in compiled_modules(model):
         module.compile(dynamic=False, mode=mode)
+    model._fuse = torch.compile(model._fuse, dynamic=False, mode=mode)  # an instance attribute over the method
     return model

@@ -118,6 +118,10 @@ class SSScanDNAHybridModel(nn.Module):
         # depends on the bool, so torch.compile guards on one flip instead of recompiling for every step value.
         self._step = 0
         self._warming_up = cfg.gate_freeze_steps > 0
+        # On a GPU, run the teacher's passes on a second CUDA stream beside the student's forward (they only meet
+        # at the loss): kernels of one that leave SMs idle (latency-bound, short grids) can overlap the other's.
+        self.overlap_teacher = False
+        self._teacher_streams: dict[torch.device, torch.cuda.Stream] = {}
         self.register_load_state_dict_post_hook(SSScanDNAHybridModel._after_load)
         self._reset_buffers()
         self.copy_student_to_ema()
@@ -275,6 +279,13 @@ class SSScanDNAHybridModel(nn.Module):
         h_b = self._per_block(g, odd, h_b.flip(1), h_b)
         if self.bridge is not None:
             h_a, h_b = self.bridge(h_a, h_b, backend)
+        return _Scan(*self._fuse(h_a, h_b, frozen))
+
+    def _fuse(self, h_a: torch.Tensor, h_b: torch.Tensor, frozen: bool):
+        """The branches' heads and their gated mix: (layer-normed mix, fa, fb, gate logits or None).
+
+        One function so that :func:`crossdna.model.compile.compile_model` compiles it as one graph: eager, the
+        mix and its fp32 LayerNorm are half a dozen passes over [B, L, d] each way."""
         fa, fb = self.proj_A(h_a), self.proj_B(h_b)
         if frozen:
             gate_logits = None
@@ -283,7 +294,14 @@ class SSScanDNAHybridModel(nn.Module):
             gate_logits = self.gate_fuse(torch.cat([fa, fb], dim=-1))
             gate = torch.sigmoid(gate_logits / self.cfg.gate_temp)
             mix = gate * fa + (1 - gate) * fb
-        return _Scan(F.layer_norm(mix, mix.shape[-1:]), fa, fb, gate_logits)
+        return F.layer_norm(mix, mix.shape[-1:]), fa, fb, gate_logits
+
+    def _teacher_stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if not self.overlap_teacher or device.type != "cuda":
+            return None
+        if device not in self._teacher_streams:
+            self._teacher_streams[device] = torch.cuda.Stream(device)
+        return self._teacher_streams[device]
 
     def _teacher_context(self):
         if self.cfg.use_ema_teacher:
@@ -335,11 +353,22 @@ class SSScanDNAHybridModel(nn.Module):
         want_teacher = mode == "pretrain"
 
         scans, targets = [], []
+        side = self._teacher_stream(input_ids.device) if want_teacher else None
         for g in block_groups(L, cfg.block_size):
             odd = self._parity(g, B, input_ids.device)
+            if side is not None:  # the teacher waits for the stems and odd only, not for the student's passes
+                side.wait_stream(torch.cuda.current_stream(input_ids.device))
             scans.append(self._scan(g, self._blocks(feat, g), self._rc_blocks(rc_feat, g), odd, frozen))
             if want_teacher:
-                targets.append(self._teacher(g, self._blocks(clean, g), self._rc_blocks(clean_rc, g), odd))
+                with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+                    targets.append(self._teacher(g, self._blocks(clean, g), self._rc_blocks(clean_rc, g), odd))
+        if side is not None:
+            # Join before anything the teacher read can be freed (clean, clean_rc, odd live until here); the
+            # targets, allocated on the side stream, are then also in use on this one.
+            main = torch.cuda.current_stream(input_ids.device)
+            main.wait_stream(side)
+            for target in (t for pair in targets for t in pair):
+                target.record_stream(main)
 
         def merge(parts: list[torch.Tensor]) -> torch.Tensor:
             parts = [p.reshape(B, -1, p.shape[-1]) for p in parts]
