@@ -2,10 +2,11 @@
 
 Each ``EnhancedHybridCore`` (student and EMA teacher) and each TokenBridge is compiled on its own, and so is the
 fusion head (``_fuse``: the two residual MLP heads, the gate and the LayerNorm of their mix); ``dynamic=False``:
-shapes are fixed per run. Layers share code, so one compilation serves all layers of a shape; the teacher's no-grad [2B] shape is a second one. fla's ``chunk_comba`` is ``torch.compiler.disable``d
-by fla (and its backend dispatch too), so dynamo breaks the graph there and runs the Triton/tilelang kernels
-eagerly; everything around them (projections' epilogues, the short convolutions, SiLU, the q-correction, the
-gates, RMSNorms, RoPE, SwiGLU, residuals, LayerNorms) is fused by inductor.
+shapes are fixed per run. Layers share code, so one compilation serves all layers of a shape; the teacher's no-grad
+[2B] shape is a second one. fla's ``chunk_comba`` is ``torch.compiler.disable``d by fla (and its backend dispatch
+too), so dynamo breaks the graph there and runs the Triton/tilelang kernels eagerly; everything around them
+(projections' epilogues, the short convolutions, SiLU, the q-correction, the gates, RMSNorms, RoPE, SwiGLU,
+residuals, LayerNorms) is fused by inductor.
 """
 from __future__ import annotations
 
