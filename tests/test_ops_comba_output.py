@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossdna.ops.comba import chunk_comba, wy_form
+from crossdna.ops.comba import chunk_comba
 
 from tests.kernel_checks import rel, run_interpreted
-from tests.test_ops_comba_wy import _inputs, _log2_cumsums
+from tests.test_ops_comba_wy import _inputs, _log2_cumsums, _padded_wy_form, _rounded_inputs
 
 CUDA = torch.cuda.is_available()
 SCALE = 0.125
@@ -25,14 +25,11 @@ def check_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     failures = []
     for B, T, H, K, V, decay in cases:
-        k, p, v, beta, g = (x.to(dtype).double() if i < 4 else x
-                            for i, x in enumerate(_inputs(B, T, H, K, V, decay=decay)))
+        k, p, v, beta, g = _rounded_inputs(B, T, H, K, V, decay, dtype)
         q = F.normalize(torch.randn(B, T, H, K, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
                         dim=-1).to(dtype).double()
         want = chunk_comba(q, k, v, p, g, beta, scale=SCALE, use_qk_l2norm=False)
-        pad = (-T) % 64
-        _, w, u = (x[:, :T] for x in wy_form(*[F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
-                                                for x in (k, p, v, beta, g)]))
+        _, w, u = _padded_wy_form(k, p, v, beta, g)
         g0, gam = _log2_cumsums(g)
         on = lambda x: x.to(device, dtype)  # noqa: E731
         gam_d = gam.float().to(device)

@@ -58,19 +58,30 @@ def _log2_cumsums(g: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch
     return gam - g / math.log(2), gam
 
 
+def _rounded_inputs(B, T, H, K, V, decay, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``_inputs`` with k, p, v, β rounded to the kernel's dtype (held in float64, so that the reference sees what
+    the kernel reads); g stays float64 (the kernels take its cumsums in fp32)."""
+    return [x.to(dtype).double() if i < 4 else x for i, x in enumerate(_inputs(B, T, H, K, V, decay=decay))]
+
+
+def _padded_wy_form(k, p, v, beta, g, chunk: int = 64) -> list[torch.Tensor]:
+    """The reference WY form (inverse, w, u) at any T: on inputs zero-padded to whole chunks, cropped back. M is
+    lower triangular, so the leading rows of a padded chunk's inverse, w and u are those of the chunk's leading
+    rows."""
+    T = k.shape[1]
+    pad = (-T) % chunk
+    return [x[:, :T] for x in wy_form(*[F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (k, p, v, beta, g)])]
+
+
 def check_triton_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]:
-    """Ragged T is checked against the reference on zero-padded inputs: M is lower triangular, so the leading rows of
-    a padded chunk's inverse, w and u are those of the chunk's leading rows."""
+    """Ragged T is checked against the reference on zero-padded inputs (``_padded_wy_form``)."""
     from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
 
     tol = 2e-6 if dtype == torch.float32 else 1e-2
     failures = []
     for B, T, H, K, V, decay in cases:
-        k, p, v, beta, g = (x.to(dtype).double() if i < 4 else x
-                            for i, x in enumerate(_inputs(B, T, H, K, V, decay=decay)))
-        pad = (-T) % 64
-        padded = [F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (k, p, v, beta, g)]
-        want = [x[:, :T] for x in wy_form(*padded)]
+        k, p, v, beta, g = _rounded_inputs(B, T, H, K, V, decay, dtype)
+        want = _padded_wy_form(k, p, v, beta, g)
         g0, gam = _log2_cumsums(g)
         args = [x.to(device, dtype) for x in (k, p, v, beta)] + [g0.float().to(device), gam.float().to(device)]
         for keep in (True, False):

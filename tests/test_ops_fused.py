@@ -317,6 +317,20 @@ def test_fused_training_step_has_no_host_sync(precision):
     assert torch.isfinite(loss).item()
 
 
+def _step_setup(batch: int) -> tuple[CrossDNAConfig, list[dict]]:
+    """The 8m preset on the fused bf16 path without dropout (so that runs consume no random numbers) and four random
+    [batch, 1024] pretraining batches, for tests that compare whole benchmark steps run two ways."""
+    cfg = CrossDNAConfig.preset("8m").replace(kernels="fused", dropout=0.0, bridge_dropout=0.0)
+    cfg = cfg.replace(comba=dataclasses.replace(cfg.comba, precision="autocast"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    batches = []
+    for _ in range(4):
+        ids = torch.randint(0, 5, (batch, 1024), device="cuda", generator=gen)
+        batches.append({"input_ids": ids, "labels": ids.clone(),
+                        "loss_mask": torch.rand(batch, 1024, device="cuda", generator=gen) < 0.15})
+    return cfg, batches
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_cuda_graph_step_replays_the_eager_step():
@@ -328,14 +342,7 @@ def test_cuda_graph_step_replays_the_eager_step():
     from crossdna.cuda_graphs import GraphedStep
     from crossdna.objectives import ObjectiveConfig
 
-    cfg = CrossDNAConfig.preset("8m").replace(kernels="fused", dropout=0.0, bridge_dropout=0.0)
-    cfg = cfg.replace(comba=dataclasses.replace(cfg.comba, precision="autocast"))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    batches = []
-    for _ in range(4):
-        ids = torch.randint(0, 5, (4, 1024), device="cuda", generator=gen)
-        batches.append({"input_ids": ids, "labels": ids.clone(),
-                        "loss_mask": torch.rand(4, 1024, device="cuda", generator=gen) < 0.15})
+    cfg, batches = _step_setup(4)
     runs = []
     for captured in (False, True):
         torch.manual_seed(0)
@@ -365,14 +372,7 @@ def test_teacher_on_a_side_stream_computes_what_one_stream_computes():
     from crossdna.cuda_graphs import GraphedStep
     from crossdna.objectives import ObjectiveConfig
 
-    cfg = CrossDNAConfig.preset("8m").replace(kernels="fused", dropout=0.0, bridge_dropout=0.0)
-    cfg = cfg.replace(comba=dataclasses.replace(cfg.comba, precision="autocast"))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    batches = []
-    for _ in range(4):
-        ids = torch.randint(0, 5, (16, 1024), device="cuda", generator=gen)
-        batches.append({"input_ids": ids, "labels": ids.clone(),
-                        "loss_mask": torch.rand(16, 1024, device="cuda", generator=gen) < 0.15})
+    cfg, batches = _step_setup(16)
     forwards, runs = [], []
     for overlap in (False, True):
         torch.manual_seed(0)
