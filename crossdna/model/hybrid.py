@@ -353,11 +353,12 @@ class SSScanDNAHybridModel(nn.Module):
         want_teacher = mode == "pretrain"
 
         scans, targets = [], []
+        groups = block_groups(L, cfg.block_size)
+        odds = [self._parity(g, B, input_ids.device) for g in groups]
         side = self._teacher_stream(input_ids.device) if want_teacher else None
-        for g in block_groups(L, cfg.block_size):
-            odd = self._parity(g, B, input_ids.device)
-            if side is not None:  # the teacher waits for the stems and odd only, not for the student's passes
-                side.wait_stream(torch.cuda.current_stream(input_ids.device))
+        if side is not None:  # the teacher waits for the stems and the parities only, not for the student's passes
+            side.wait_stream(torch.cuda.current_stream(input_ids.device))
+        for g, odd in zip(groups, odds):
             scans.append(self._scan(g, self._blocks(feat, g), self._rc_blocks(rc_feat, g), odd, frozen))
             if want_teacher:
                 with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
