@@ -83,9 +83,13 @@ def _wy_sweep(floor) -> dict:
     # k, p, v, w, u and (with gradients) the inverse; β, γ⁰, γ
     qkv_bytes = 5 * k.numel() * k.element_size() + 3 * g0.numel() * 4
     inverse_bytes = B * T * H * 64 * 2
-    options = {"num_warps": (1, 2, 4), "DOT": ("ieee", "tf32")}
+    options = {"num_warps": (2, 4, 8), "DOT": ("ieee", "tf32")}
     rows = _sweep(comba_wy_triton.WY_TILE, options, lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam),
                   floor(qkv_bytes + inverse_bytes), "wy form", comba_wy_triton._wy_form_kernel)
+    fp32 = [x.float() for x in (k, p, v, beta)]  # the faithful precision: exact products, warps only
+    rows_fp32 = _sweep(comba_wy_triton.WY_TILE_FP32, {"num_warps": (2, 4, 8)},
+                       lambda: comba_wy_triton.wy_form(*fp32, g0, gam), floor(2 * (qkv_bytes + inverse_bytes) - 3 * g0.numel() * 4),
+                       "wy fp32", comba_wy_triton._wy_form_kernel)
     no_inverse = do_bench(lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam, keep_inverse=False),
                           return_mode="median")
     fla_ms = do_bench(fla, return_mode="median")
@@ -100,7 +104,8 @@ def _wy_sweep(floor) -> dict:
           f"{fla_ms:.3f} ms; fla's fwd_h + fwd_o after it: {state_ms:.3f} ms", flush=True)
     ours = comba_wy_triton.wy_form(k, p, v, beta, g0, gam)
     difference = {name: _rel(a, b) for name, a, b in zip(("inverse", "w", "u"), ours, fla())}
-    return {"sweeps": {"wy_form": rows}, "best": comba_wy_triton.WY_TILE,
+    return {"sweeps": {"wy_form": rows, "wy_form_fp32": rows_fp32}, "best": comba_wy_triton.WY_TILE,
+            "best_fp32": comba_wy_triton.WY_TILE_FP32,
             "shape": {"B": B, "T": T, "H": H, "K": K, "V": V}, "without_inverse_ms": no_inverse,
             "without_inverse_floor_ms": floor(qkv_bytes), "fla_pkt_solve_tril_recompute_w_u_ms": fla_ms,
             "fla_fwd_h_and_fwd_o_ms": state_ms,

@@ -411,8 +411,13 @@ def test_ablations_run_end_to_end(changes):
 
 
 def test_compiled_model_is_the_eager_model():
-    """compile_model (inductor's C++ on the CPU): the layers, bridges and the fusion head (``_fuse``) compiled give
-    the eager model's pretraining loss and gradients. The fusion head must be the compiled wrapper, not the method."""
+    """compile_model (inductor's C++ on the CPU): the layers, bridges, the branches' output norms and the fusion head
+    (``_fuse``) compiled give the eager model's pretraining loss and gradients. The fusion head must be the compiled
+    wrapper, not the method, and dynamo must have compiled the output norm's frame (it skips an ``nn.LayerNorm``
+    compiled as a module, which is how an earlier form of this left it eager)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from crossdna.model.branch import DeepEnhancedBranch
     from tests.requires import tool
 
     from crossdna.model.compile import compile_model
@@ -437,3 +442,4 @@ def test_compiled_model_is_the_eager_model():
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0.0)
     assert (compiled_grad - eager_grad).norm() / eager_grad.norm() < 1e-4
+    assert _debug_get_cache_entry_list(DeepEnhancedBranch._output_norm.__code__)

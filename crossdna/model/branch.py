@@ -39,4 +39,9 @@ class DeepEnhancedBranch(nn.Module):
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, backend)
+        return self._output_norm(x)
+
+    def _output_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The output LayerNorm, in this module's code so that :func:`crossdna.model.compile.compile_model` can
+        compile it: dynamo skips a compiled ``nn.LayerNorm`` module (its code is torch's), which then runs eagerly."""
         return self.output_norm(x)
