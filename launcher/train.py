@@ -9,6 +9,7 @@ step boundary for preemption.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import math
 import os
@@ -321,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     # `deepspeed` passes --local_rank; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    # A rank killed by a fatal signal (SIGSEGV, SIGABRT from a C++ std::terminate, ...) prints every thread's Python
+    # stack to stderr; torchrun's own report gives only the signal.
+    faulthandler.enable()
     return train(args.config, args.overrides)
 
 
@@ -335,9 +339,26 @@ def train(config_path: str | None, overrides: list[str]) -> int:
         shutdown()
 
 
+def exit_without_finalizing(code: int) -> None:
+    """Leave with ``code`` once everything is closed, without running the interpreter's finalization.
+
+    gloo's worker threads free finished collectives, and with them tensors whose Python objects need the GIL to
+    be released. One that does so while the interpreter is finalizing cannot take the GIL and aborts the process
+    ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489), turning a clean exit into a
+    crash. destroy_process_group() does not join those threads while DDP still holds the group, so a rank whose last
+    collective came milliseconds before its exit (the non-finite-loss stop: an all-gather naming the culprits, then
+    the closing barrier) lost that race about once in twelve runs on a 2-core CPU box. The run, the tracker, the
+    checkpoints and the process group are closed by then; logs and streams are flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        status = main()
     except ValueError as e:  # bad config / data / checkpoint: one line naming the file and field
         print(f"launcher.train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
+    exit_without_finalizing(status)
