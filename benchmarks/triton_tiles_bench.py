@@ -87,9 +87,10 @@ def _wy_sweep(floor) -> dict:
     rows = _sweep(comba_wy_triton.WY_TILE, options, lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam),
                   floor(qkv_bytes + inverse_bytes), "wy form", comba_wy_triton._wy_form_kernel)
     fp32 = [x.float() for x in (k, p, v, beta)]  # the faithful precision: exact products, warps only
+    fp32_bytes = 2 * (qkv_bytes + inverse_bytes) - 3 * g0.numel() * 4  # γ⁰, γ are fp32 either way
     rows_fp32 = _sweep(comba_wy_triton.WY_TILE_FP32, {"num_warps": (2, 4, 8)},
-                       lambda: comba_wy_triton.wy_form(*fp32, g0, gam), floor(2 * (qkv_bytes + inverse_bytes) - 3 * g0.numel() * 4),
-                       "wy fp32", comba_wy_triton._wy_form_kernel)
+                       lambda: comba_wy_triton.wy_form(*fp32, g0, gam), floor(fp32_bytes), "wy fp32",
+                       comba_wy_triton._wy_form_kernel)
     no_inverse = do_bench(lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam, keep_inverse=False),
                           return_mode="median")
     fla_ms = do_bench(fla, return_mode="median")
