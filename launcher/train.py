@@ -297,6 +297,10 @@ class Trainer:
                 weights = export_weights(self.last_checkpoint, self.run_dir / "model.safetensors")
                 self.tracker.log_artifact(weights, "model")
         except NonFiniteLoss as e:
+            # The message names the last checkpoint as the one to go back to: an async write of it may still be
+            # pending or unpublished (the step's check comes before the publishing). Every rank is here (the
+            # check is on all-reduced values), so they can meet in wait's barriers.
+            self.ckpt.wait()
             if env.is_main:
                 log.error("%s", e)
             status, code = "FAILED", NONFINITE_EXIT_CODE

@@ -281,9 +281,13 @@ def test_sigusr1_on_one_rank_checkpoints_and_exits_for_requeue(chr20_shards, tmp
     assert any('"event": "preempted"' in line for line in log.read_text().splitlines())
 
 
-def test_nonfinite_loss_stops_naming_rank_step_and_term(chr20_shards, tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_nonfinite_loss_stops_naming_rank_step_and_term(async_save, chr20_shards, tmp_path):
+    """The checkpoint the message names as the last good one is published, also when its write was asynchronous
+    (still pending, or done but not yet published, when the step after it went non-finite)."""
     out = run(tmp_path, chr20_shards, "trainer.ckpt_every=2", "trainer.eval_every=0", "fault.nonfinite_step=3",
-              "fault.nonfinite_rank=1", "fault.nonfinite_term=sem", expect=None)
+              "fault.nonfinite_rank=1", "fault.nonfinite_term=sem", f"trainer.async_checkpoint={async_save}",
+              expect=None)
     assert "non-finite loss at step 3: rank 1: sem" in out, out[-4000:]
     assert "last good checkpoint:" in out and "step-00000002" in out
     # The first rank out exits with 3 (torchrun then stops the other, which by then has closed the run). A rank
@@ -292,7 +296,8 @@ def test_nonfinite_loss_stops_naming_rank_step_and_term(chr20_shards, tmp_path):
     # pytorch/pytorch#190489). Ranks now leave through launcher.train.exit_without_finalizing.
     assert "exitcode  : 3" in out, out[-6000:]
     assert "SIGABRT" not in out and "terminate called" not in out, out[-6000:]
-    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000002"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000002", out[-3000:]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     assert max(steps(tmp_path)) == 2
 
 
