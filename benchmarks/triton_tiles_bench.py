@@ -7,7 +7,7 @@ depthwise convs (crossdna/ops/dwconv_triton.py) and FlexAttention's block mask a
 (crossdna/ops/fused.py ``FLEX_TILE``). Writes ``triton_tiles_<device>.json``; the modules' tile dicts are left at the
 fastest, which is what the modules' defaults are set from.
 
-    python benchmarks/triton_tiles_bench.py OUT_DIR [comba_inputs wy_form dilated_dwconv state_output flex]
+    python benchmarks/triton_tiles_bench.py OUT_DIR [comba_inputs wy_form wy_backward dilated_dwconv state_output flex]
 
 A subset writes ``triton_tiles_<device>_<families>.json``.
 """
@@ -110,6 +110,53 @@ def _wy_sweep(floor) -> dict:
             "shape": {"B": B, "T": T, "H": H, "K": K, "V": V}, "without_inverse_ms": no_inverse,
             "without_inverse_floor_ms": floor(qkv_bytes), "fla_pkt_solve_tril_recompute_w_u_ms": fla_ms,
             "fla_fwd_h_and_fwd_o_ms": state_ms,
+            "rel_difference_to_fla": difference}
+
+
+def _wy_backward_sweep(floor) -> dict:
+    """Our WY-form backward per tile (bf16 and fp32), and what it replaces in fla's ``chunk_comba_bwd``:
+    ``prepare_wy_repr_bwd``, the two adds onto dk and dγ and the two chunk-local cumsums (time and difference).
+    The kernel accumulates into dk and dg in place, so repeated runs only change their values, not the work."""
+    from fla.ops.comba.utils import chunk_comba_cumsum_scalar_bwd, chunk_comba_cumsum_scalar_fwd
+    from fla.ops.comba.wy_fast import prepare_wy_repr_bwd
+    from fla.ops.utils import chunk_local_cumsum
+    from fla.ops.utils.constant import RCP_LN2
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    k, p = (torch.nn.functional.normalize(torch.randn(B, T, H, K, device=dev), dim=-1).to(dt) for _ in range(2))
+    v = torch.randn(B, T, H, V, device=dev, dtype=dt)
+    beta = torch.rand(B, T, H, device=dev).to(dt)
+    g0, gam = chunk_comba_cumsum_scalar_fwd(-torch.rand(B, T, H, device=dev) * 0.1, chunk_size=64, scale=RCP_LN2)
+    inverse = comba_wy_triton.wy_form(k, p, v, beta, g0, gam)[0]
+    dw, du, dk = (torch.randn(B, T, H, K, device=dev).to(dt) for _ in range(3))
+    dg = torch.randn(B, T, H, device=dev)
+
+    def ours(dk, dg, x=(k, p, v, beta, inverse, dw, du)):
+        return comba_wy_triton.wy_form_backward(*x[:4], g0, gam, *x[4:], dk, dg)
+
+    def fla():
+        dk2, dv, dp, dbeta, dg0, dg2 = prepare_wy_repr_bwd(k=k, v=v, p=p, beta=beta, g0=g0, g=gam, A=inverse,
+                                                           dw=dw, du=du, cu_seqlens=None)
+        dg_total = chunk_local_cumsum(dg + dg2, chunk_size=64, reverse=True)
+        return dk + dk2, dv, dp, dbeta, dg_total + chunk_comba_cumsum_scalar_bwd(dg0, chunk_size=64)
+
+    dk_ours, dg_ours = dk.clone(), dg.clone()
+    got = [dk_ours, *ours(dk_ours, dg_ours), dg_ours]
+    difference = {name: _rel(a, b) for name, a, b in zip(("dk", "dv", "dp", "dbeta", "dg"), got, fla())}
+    # reads k, p, v, the inverse, dw, du, dk; writes dk, dv, dp; β, γ⁰, γ, dγ read and dβ, dg written (the timed
+    # runs keep accumulating into one dk and dg: their values drift, the work is the same)
+    big, small = k.numel() * k.element_size(), g0.numel() * 4
+    rows = _sweep(comba_wy_triton.WY_BWD_TILE, {"num_warps": (2, 4, 8)}, lambda: ours(dk_ours, dg_ours),
+                  floor(10 * big + 6 * small), "wy bwd", comba_wy_triton._wy_form_bwd_kernel)
+    fp32 = (dk.float(), dg.clone(), [t.float() for t in (k, p, v, beta, inverse, dw, du)])
+    rows_fp32 = _sweep(comba_wy_triton.WY_BWD_TILE_FP32, {"num_warps": (2, 4, 8)}, lambda: ours(*fp32),
+                       floor(20 * big + 6 * small), "wy bwd fp32", comba_wy_triton._wy_form_bwd_kernel)
+    fla_ms = do_bench(fla, return_mode="median")
+    print(f"wy bwd: fla's prepare_wy_repr_bwd + adds + cumsums {fla_ms:.3f} ms; difference {difference}",
+          flush=True)
+    return {"sweeps": {"wy_form_backward": rows, "wy_form_backward_fp32": rows_fp32},
+            "best": comba_wy_triton.WY_BWD_TILE, "best_fp32": comba_wy_triton.WY_BWD_TILE_FP32,
+            "fla_wy_bwd_adds_cumsums_ms": fla_ms,
             "rel_difference_to_fla": difference}
 
 
@@ -241,7 +288,8 @@ def _flex_sweep(floor) -> dict:
             "shape": {"B": B, "T": Ta, "H": Ha, "D": Da, "window": W}}
 
 
-FAMILIES = {"comba_inputs": _inputs_sweeps, "wy_form": _wy_sweep, "dilated_dwconv": _bridge_sweeps,
+FAMILIES = {"comba_inputs": _inputs_sweeps, "wy_form": _wy_sweep, "wy_backward": _wy_backward_sweep,
+            "dilated_dwconv": _bridge_sweeps,
             "state_output": _state_output_sweep, "flex": _flex_sweep}
 
 

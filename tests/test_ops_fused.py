@@ -189,6 +189,9 @@ def test_rotary_tables_op_is_the_reference():
     them per element); the op passes torch.library's schema/fake checks and the rotation equals the reference."""
     fused = importlib.import_module("crossdna.ops.fused")
     torch.library.opcheck(fused._rotary_tables, (37, 16, 10000.0, torch.device("cpu")))
+    fused._rotary_tables(37, 16, 10000.0, torch.device("cpu")).zero_()  # the caller owns the output: the cache
+    assert torch.equal(fused._rotary_tables(37, 16, 10000.0, torch.device("cpu")),  # must not share it
+                       ops.attention.rotary_tables(37, 16, 10000.0))
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(2, 37, 3, 16, generator=gen, requires_grad=True) for _ in range(2))
     ref_q, ref_k = (x.detach().clone().requires_grad_() for x in (q, k))

@@ -18,9 +18,10 @@ nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reas
   fla's own L2-norm passes.
 * ``dilated_dwconv``: the TokenBridge's five dilated depthwise convs, channel-last, one Triton kernel forward and
   two backward (``crossdna/ops/dwconv_triton.py``).
-* ``rotary``: the reference formula on cos/sin tables that an opaque op computes once per call. Written inline,
-  the tables are pointwise producers that inductor fuses into every consumer, recomputing pow, cos and sin for
-  each element of q and k (6.5 ms of forward kernels per B = 150 step on an H200; 1.5 ms reading the tables).
+* ``rotary``: the reference formula on cos/sin tables that an opaque op computes once per shape and device and
+  copies per call. Written inline, the tables are pointwise producers that inductor fuses into every consumer,
+  recomputing pow, cos and sin for each element of q and k (6.5 ms of forward kernels per B = 150 step on an
+  H200; 1.5 ms reading the tables).
 * ``rms_norm``, ``gated_rms_norm``, ``swiglu``: the reference formulas, which ``torch.compile`` fuses with their
   neighbours.
 
@@ -110,8 +111,28 @@ def _comba_forward(q, k, v, p, g, beta, scale, keep_inverse: bool):
     return o.to(q.dtype), (g0, gam, inverse)
 
 
+def _comba_backward(q, k, v, p, g0, gam, beta, inverse, do, scale):
+    """fla's ``chunk_comba_bwd`` (no initial or final state) with our WY-form backward in place of fla's
+    ``prepare_wy_repr_bwd`` and the four passes after it (:func:`crossdna.ops.comba_wy_triton.wy_form_backward`),
+    and each intermediate released once its last reader has run: the backward of the last layer runs on top of
+    every saved activation, so what it holds at once adds to the step's peak memory."""
+    from fla.ops.comba.wy_fast import recompute_w_u_fwd
+    from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_bwd_dhu, chunk_gated_delta_rule_fwd_h
+    from fla.ops.common.chunk_o import chunk_bwd_dqkwg, chunk_bwd_dv_local
+
+    w, u = recompute_w_u_fwd(k=p, v=v, beta=beta, A=inverse, g_cumsum=g0, cu_seqlens=None)
+    h, v_new, _ = chunk_gated_delta_rule_fwd_h(k=k, w=w, u=u, g=gam, initial_state=None, output_final_state=False)
+    del u
+    du = chunk_bwd_dv_local(q=q, k=k, g=gam, do=do, scale=scale)
+    dh, _, du = chunk_gated_delta_rule_bwd_dhu(q=q, k=k, w=w, g=gam, h0=None, dht=None, do=do, dv=du, scale=scale)
+    dq, dk, dw, dg = chunk_bwd_dqkwg(q=q, k=k, v=v_new, w=w, g=gam, h=h, dv=du, do=do, dh=dh, scale=scale)
+    del w, h, v_new, dh
+    dv, dp, db = _comba_wy.wy_form_backward(k, p, v, beta, g0, gam, inverse, dw, du, dk, dg)
+    return dq, dk, dv, dp, db, dg
+
+
 class _ChunkComba(torch.autograd.Function):
-    """The backward is fla's ``chunk_comba_bwd`` on the tensors fla's forward saves."""
+    """The backward is fla's chunk backward on the tensors fla's forward saves (:func:`_comba_backward`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, p, g, beta, scale):
@@ -122,12 +143,8 @@ class _ChunkComba(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        from fla.ops.comba.chunk import chunk_comba_bwd
-
         q, k, v, p, g0, gam, beta, inverse = ctx.saved_tensors
-        dq, dk, dv, dp, db, dg, _ = chunk_comba_bwd(q=q, k=k, v=v, p=p, g0=g0, g=gam, beta=beta, A=inverse,
-                                                    scale=ctx.scale, initial_state=None, do=do.contiguous(),
-                                                    dht=None)
+        dq, dk, dv, dp, db, dg = _comba_backward(q, k, v, p, g0, gam, beta, inverse, do.contiguous(), ctx.scale)
         return dq.to(q), dk.to(k), dv.to(v), dp.to(p), dg, db.to(beta), None
 
 
@@ -209,9 +226,24 @@ def swa(q, k, v, window, scale=None):
 
 
 # -------------------------------------------------------------------------------------------------------- RoPE
+_rotary_cache: dict = {}
+
+
 @torch.library.custom_op(f"{_NS}::rotary_tables", mutates_args=())
 def _rotary_tables(length: int, dim: int, base: float, device: torch.device) -> torch.Tensor:
-    return _attention.rotary_tables(length, dim, base, device)
+    """The tables, computed once per shape and device (nine small kernels, 24 times a B = 150 step), then copied
+    (one kernel): the op's output is its caller's, which inductor may write into."""
+    key = (length, dim, base, str(device))
+    tables = _rotary_cache.get(key)
+    if tables is None:
+        tables = _attention.rotary_tables(length, dim, base, device)
+        if device.type != "cuda":
+            _rotary_cache[key] = tables
+        elif not torch.cuda.is_current_stream_capturing():  # captured kernels have not run: nothing to keep yet
+            # Made on this stream, read from any (the teacher's runs on its own): wait once, so every reader sees it
+            torch.cuda.current_stream(device).synchronize()
+            _rotary_cache[key] = tables
+    return tables.clone()
 
 
 @_rotary_tables.register_fake
