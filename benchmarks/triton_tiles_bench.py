@@ -149,8 +149,9 @@ def _wy_backward_sweep(floor) -> dict:
     rows = _sweep(comba_wy_triton.WY_BWD_TILE, {"num_warps": (2, 4, 8)}, lambda: ours(dk_ours, dg_ours),
                   floor(10 * big + 6 * small), "wy bwd", comba_wy_triton._wy_form_bwd_kernel)
     fp32 = (dk.float(), dg.clone(), [t.float() for t in (k, p, v, beta, inverse, dw, du)])
-    rows_fp32 = _sweep(comba_wy_triton.WY_BWD_TILE_FP32, {"num_warps": (2, 4, 8)}, lambda: ours(*fp32),
-                       floor(20 * big + 6 * small), "wy bwd fp32", comba_wy_triton._wy_form_bwd_kernel)
+    rows_fp32 = _sweep(comba_wy_triton.WY_BWD_TILE_FP32, {"num_warps": (4, 8), "DOT": ("tf32", "ieee")},
+                       lambda: ours(*fp32), floor(20 * big + 6 * small), "wy bwd fp32",
+                       comba_wy_triton._wy_form_bwd_kernel)
     fla_ms = do_bench(fla, return_mode="median")
     print(f"wy bwd: fla's prepare_wy_repr_bwd + adds + cumsums {fla_ms:.3f} ms; difference {difference}",
           flush=True)

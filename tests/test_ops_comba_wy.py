@@ -139,9 +139,11 @@ def _backward_case(B, T, H, K, V, decay, dtype: torch.dtype, seed: int = 0):
 
 
 def check_triton_backward_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]:
-    from crossdna.ops.comba_wy_triton import wy_form_backward
+    from crossdna.ops.comba_wy_triton import WY_BWD_TILE_FP32, wy_form_backward
 
-    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    # fp32 on a GPU multiplies in TF32 (as fla's kernels do); Triton's interpreter multiplies in fp32
+    exact = dtype == torch.float32 and (device == "cpu" or WY_BWD_TILE_FP32["DOT"] == "ieee")
+    tol = 2e-5 if exact else 5e-3 if dtype == torch.float32 else 2e-2
     failures = []
     for case in cases:
         inputs, want = _backward_case(*case, dtype)

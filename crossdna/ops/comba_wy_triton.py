@@ -117,13 +117,16 @@ def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------- backward
-WY_BWD_TILE = {"num_warps": 4}              # half-precision inputs (bf16 dots); triton_tiles_bench.py sweeps it
-WY_BWD_TILE_FP32 = {"num_warps": 4}         # fp32 inputs: exact products
+WY_BWD_TILE = {"num_warps": 4}                    # half-precision inputs; triton_tiles_bench.py sweeps it
+WY_BWD_TILE_FP32 = {"num_warps": 4, "DOT": "tf32"}  # fp32 inputs
 
 
 @triton.jit
 def _wy_form_bwd_kernel(K, P, V, BETA, G0, G, AI, DW, DU, DK, DG, DV, DP, DBETA, T, H: tl.constexpr,
                         DK_: tl.constexpr, DV_: tl.constexpr, DOT: tl.constexpr):
+    # The order keeps few 64×64 tiles alive at once (at 4 warps a fp32 tile is 32 registers a thread): dA first,
+    # then the triangle's gradient dS, which consumes it, then what needs dS, and last the products with Aᵀ, whose
+    # operands are loaded again (from L2) rather than held.
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     t = i_t * 64 + tl.arange(0, 64)
@@ -131,56 +134,55 @@ def _wy_form_bwd_kernel(K, P, V, BETA, G0, G, AI, DW, DU, DK, DG, DV, DP, DBETA,
     off = (i_b.to(tl.int64) * T + t) * H + i_h
     c, cv, r = tl.arange(0, DK_), tl.arange(0, DV_), tl.arange(0, 64)
     lower = r[:, None] > r[None, :]
+    at_k = off[:, None] * DK_ + c[None, :]
+    at_v = off[:, None] * DV_ + cv[None, :]
 
     beta = tl.load(BETA + off, mask=ok, other=0.0).to(tl.float32)
     g0 = tl.load(G0 + off, mask=ok, other=0.0)
     g = tl.load(G + off, mask=ok, other=0.0)
+    e0 = tl.exp2(g0)
     a = tl.load(AI + off[:, None] * 64 + r[None, :], mask=ok[:, None], other=0.0)   # (I + M)⁻¹, rows t
     dtype = a.dtype
 
-    # u = A·diag(β)V: dA = du·(βV)ᵀ, d(βV) = Aᵀdu
-    v = tl.load(V + off[:, None] * DV_ + cv[None, :], mask=ok[:, None], other=0.0)
-    du = tl.load(DU + off[:, None] * DV_ + cv[None, :], mask=ok[:, None], other=0.0)
-    d_a = tl.dot(du, tl.trans((v * beta[:, None]).to(dtype)), input_precision=DOT)
-    dvb = tl.dot(tl.trans(a), du, input_precision=DOT)
-    tl.store(DV + off[:, None] * DV_ + cv[None, :], (dvb * beta[:, None]).to(DV.dtype.element_ty), mask=ok[:, None])
-    dbeta = tl.sum(dvb * v.to(tl.float32), 1)
-
-    # w = A·diag(β 2^{γ⁰})P: dA += dw·(β 2^{γ⁰} P)ᵀ, d(β 2^{γ⁰} P) = Aᵀdw
-    p = tl.load(P + off[:, None] * DK_ + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    dw = tl.load(DW + off[:, None] * DK_ + c[None, :], mask=ok[:, None], other=0.0)
-    e0 = tl.exp2(g0)
-    pg = p * (beta * e0)[:, None]
-    d_a = tl.dot(dw, tl.trans(pg.to(dtype)), d_a, input_precision=DOT)
-    dpg = tl.dot(tl.trans(a), dw, input_precision=DOT)
-    dp = dpg * (beta * e0)[:, None]
-    dbeta += tl.sum(dpg * p * e0[:, None], 1)
-    dg0 = tl.sum(dpg * pg, 1)
+    # w = A·diag(β 2^{γ⁰})P and u = A·diag(β)V: dA = dw·(β 2^{γ⁰} P)ᵀ + du·(βV)ᵀ
+    p = tl.load(P + at_k, mask=ok[:, None], other=0.0)
+    d_a = tl.dot(tl.load(DW + at_k, mask=ok[:, None], other=0.0),
+                 tl.trans((p * (beta * e0)[:, None]).to(dtype)), input_precision=DOT)
+    v = tl.load(V + at_v, mask=ok[:, None], other=0.0)
+    d_a = tl.dot(tl.load(DU + at_v, mask=ok[:, None], other=0.0), tl.trans((v * beta[:, None]).to(dtype)), d_a,
+                 input_precision=DOT)
 
     # A = (I + M)⁻¹ with M strictly lower: dM = −Aᵀ dA Aᵀ on the strict lower triangle; then through
     # M[t,s] = β_t (p_t·k_s) 2^{γ⁰_t − γ_s} (the exponent capped at 0 as in the forward: only kept entries count)
     d_a = tl.where(lower, d_a, 0.0).to(dtype)
     d_m = tl.dot(tl.trans(a), tl.dot(d_a, tl.trans(a), input_precision=DOT).to(dtype), input_precision=DOT)
     d_s = tl.where(lower, -d_m * tl.exp2(tl.minimum(g0[:, None] - g[None, :], 0.0)), 0.0).to(dtype)
-    k = tl.load(K + off[:, None] * DK_ + c[None, :], mask=ok[:, None], other=0.0)
+    k = tl.load(K + at_k, mask=ok[:, None], other=0.0)
     pb = (p * beta[:, None]).to(dtype)
-    dpb = tl.dot(d_s, k, input_precision=DOT)
-    dp += dpb * beta[:, None]
-    dbeta += tl.sum(dpb * p, 1)
-    tl.store(DP + off[:, None] * DK_ + c[None, :], dp.to(DP.dtype.element_ty), mask=ok[:, None])
-    dk = tl.load(DK + off[:, None] * DK_ + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    dk = tl.load(DK + at_k, mask=ok[:, None], other=0.0).to(tl.float32)
     dk = tl.dot(tl.trans(d_s), pb, dk, input_precision=DOT)
-    tl.store(DK + off[:, None] * DK_ + c[None, :], dk.to(DK.dtype.element_ty), mask=ok[:, None])
+    tl.store(DK + at_k, dk.to(DK.dtype.element_ty), mask=ok[:, None])
+    # the decays: d(γ⁰_t) += Σ_s dM⊙M, d(γ_s) −= Σ_t dM⊙M
+    dmm = d_s.to(tl.float32) * tl.dot(pb, tl.trans(k), input_precision=DOT)
+    dg0 = tl.sum(dmm, 1)
+    dgam = tl.load(DG + off, mask=ok, other=0.0) - tl.sum(dmm, 0)
+    dpb = tl.dot(d_s, k, input_precision=DOT)
+
+    # d(β 2^{γ⁰} P) = Aᵀdw and d(βV) = Aᵀdu
+    p = p.to(tl.float32)
+    dpg = tl.dot(tl.trans(a), tl.load(DW + at_k, mask=ok[:, None], other=0.0), input_precision=DOT)
+    tl.store(DP + at_k, ((dpg * e0[:, None] + dpb) * beta[:, None]).to(DP.dtype.element_ty), mask=ok[:, None])
+    dbeta = tl.sum((dpg * e0[:, None] + dpb) * p, 1)
+    dg0 += tl.sum(dpg * p, 1) * beta * e0
+    dvb = tl.dot(tl.trans(a), tl.load(DU + at_v, mask=ok[:, None], other=0.0), input_precision=DOT)
+    tl.store(DV + at_v, (dvb * beta[:, None]).to(DV.dtype.element_ty), mask=ok[:, None])
+    dbeta += tl.sum(dvb * v.to(tl.float32), 1)
     tl.store(DBETA + off, dbeta.to(DBETA.dtype.element_ty), mask=ok)
 
-    # the decays: d(γ⁰_t) += Σ_s dM⊙M, d(γ_s) −= Σ_t dM⊙M; then from the chunk's cumsums (γ inclusive, γ⁰
-    # exclusive) back to the log decay g: dg_s = Σ_{t≥s} dγ_t + Σ_{t>s} dγ⁰_t
-    dmm = d_s.to(tl.float32) * tl.dot(pb, tl.trans(k), input_precision=DOT)
-    dg0 += tl.sum(dmm, 1)
-    dgam = tl.load(DG + off, mask=ok, other=0.0) - tl.sum(dmm, 0)
+    # from the chunk's cumsums (γ inclusive, γ⁰ exclusive) back to the log decay g:
+    # dg_s = Σ_{t≥s} dγ_t + Σ_{t>s} dγ⁰_t
     x = dgam + dg0
-    dg = tl.sum(x, 0) - tl.cumsum(x, 0) + dgam
-    tl.store(DG + off, dg, mask=ok)
+    tl.store(DG + off, tl.sum(x, 0) - tl.cumsum(x, 0) + dgam, mask=ok)
 
 
 def wy_form_backward(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g0: torch.Tensor,
@@ -201,8 +203,7 @@ def wy_form_backward(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: to
         raise ValueError(f"wy_form_backward: dg must be fp32, got {dg.dtype}")
     k, p, v, beta, g0, g, inverse, dw, du = (x.contiguous() for x in (k, p, v, beta, g0, g, inverse, dw, du))
     dv, dp, dbeta = torch.empty_like(v), torch.empty_like(p), torch.empty_like(beta)
-    tile = WY_BWD_TILE_FP32 if k.dtype == torch.float32 else WY_BWD_TILE
-    dot = "ieee" if k.dtype == torch.float32 else "tf32"
+    tile = WY_BWD_TILE_FP32 if k.dtype == torch.float32 else {**WY_BWD_TILE, "DOT": "tf32"}
     _wy_form_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, p, v, beta, g0, g, inverse, dw, du, dk, dg, dv, dp,
-                                                        dbeta, T, H, DK, DV, DOT=dot, **tile)
+                                                        dbeta, T, H, DK, DV, **tile)
     return dv, dp, dbeta
