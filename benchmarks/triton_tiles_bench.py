@@ -83,12 +83,12 @@ def _wy_sweep(floor) -> dict:
     # k, p, v, w, u and (with gradients) the inverse; β, γ⁰, γ
     qkv_bytes = 5 * k.numel() * k.element_size() + 3 * g0.numel() * 4
     inverse_bytes = B * T * H * 64 * 2
-    options = {"num_warps": (2, 4, 8), "DOT": ("ieee", "tf32")}
+    options = {"num_warps": (2, 4, 8), "DOT": ("tf32",)}  # "ieee" spills (comba_wy_triton)
     rows = _sweep(comba_wy_triton.WY_TILE, options, lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam),
                   floor(qkv_bytes + inverse_bytes), "wy form", comba_wy_triton._wy_form_kernel)
-    fp32 = [x.float() for x in (k, p, v, beta)]  # the faithful precision: exact products, warps only
+    fp32 = [x.float() for x in (k, p, v, beta)]  # the faithful precision: TF32 ("ieee" spills: comba_wy_triton)
     fp32_bytes = 2 * (qkv_bytes + inverse_bytes) - 3 * g0.numel() * 4  # γ⁰, γ are fp32 either way
-    rows_fp32 = _sweep(comba_wy_triton.WY_TILE_FP32, {"num_warps": (2, 4, 8)},
+    rows_fp32 = _sweep(comba_wy_triton.WY_TILE_FP32, {"num_warps": (4, 8)},
                        lambda: comba_wy_triton.wy_form(*fp32, g0, gam), floor(fp32_bytes), "wy fp32",
                        comba_wy_triton._wy_form_kernel)
     no_inverse = do_bench(lambda: comba_wy_triton.wy_form(k, p, v, beta, g0, gam, keep_inverse=False),
@@ -149,7 +149,7 @@ def _wy_backward_sweep(floor) -> dict:
     rows = _sweep(comba_wy_triton.WY_BWD_TILE, {"num_warps": (2, 4, 8)}, lambda: ours(dk_ours, dg_ours),
                   floor(10 * big + 6 * small), "wy bwd", comba_wy_triton._wy_form_bwd_kernel)
     fp32 = (dk.float(), dg.clone(), [t.float() for t in (k, p, v, beta, inverse, dw, du)])
-    rows_fp32 = _sweep(comba_wy_triton.WY_BWD_TILE_FP32, {"num_warps": (4, 8), "DOT": ("tf32", "ieee")},
+    rows_fp32 = _sweep(comba_wy_triton.WY_BWD_TILE_FP32, {"num_warps": (4, 8)},
                        lambda: ours(*fp32), floor(20 * big + 6 * small), "wy bwd fp32",
                        comba_wy_triton._wy_form_bwd_kernel)
     fla_ms = do_bench(fla, return_mode="median")

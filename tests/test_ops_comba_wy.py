@@ -75,9 +75,12 @@ def _padded_wy_form(k, p, v, beta, g, chunk: int = 64) -> list[torch.Tensor]:
 
 def check_triton_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]:
     """Ragged T is checked against the reference on zero-padded inputs (``_padded_wy_form``)."""
+    from crossdna.ops.comba_wy_triton import WY_TILE_FP32
     from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
 
-    tol = 2e-6 if dtype == torch.float32 else 1e-2
+    # fp32 on a GPU multiplies in TF32 (as fla's kernels do); Triton's interpreter multiplies in fp32
+    exact = dtype == torch.float32 and (device == "cpu" or WY_TILE_FP32["DOT"] == "ieee")
+    tol = 2e-6 if exact else 5e-3 if dtype == torch.float32 else 1e-2
     failures = []
     for B, T, H, K, V, decay in cases:
         k, p, v, beta, g = _rounded_inputs(B, T, H, K, V, decay, dtype)

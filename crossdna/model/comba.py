@@ -88,8 +88,11 @@ class Comba(nn.Module):
                                           cfg.head_v_dim, backend=backend)
             beta = torch.sigmoid(self.b_proj(x))
             g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias)
+            # Before the kernel, with the other projections of x: compiled, the kernel call splits this forward
+            # into two graphs, and x read by both would be cast to bf16 twice, saved twice, and its gradient
+            # summed outside them.
+            gate = self.g_proj(x).view(B, T, cfg.num_heads, cfg.head_v_dim)
             o = ops.comba(q, k, v, p, g, beta, scale=cfg.head_dim ** -0.5, chunk_size=cfg.chunk_size,
                           use_qk_l2norm=False, backend=backend)
-            gate = self.g_proj(x).view(B, T, cfg.num_heads, cfg.head_v_dim)
             o = self.o_norm(o, gate, backend).reshape(B, T, -1)
             return self.o_proj(o)

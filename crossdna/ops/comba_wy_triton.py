@@ -18,9 +18,11 @@ for w and u. Here one program per chunk and head holds M and its inverse in regi
 * the inverse is exactly lower triangular, so the output needs no zero-fill; without gradients (the EMA teacher)
   it is not written at all.
 
-The fp32 products of the inverse use ``DOT`` precision. With half-precision inputs that is "tf32", as in fla's own
-kernels: the inverse is rounded to bf16 for storage and for w and u, a coarser step than TF32's; with fp32 inputs
-(the faithful precision) "ieee", the exact fp32 product. At B = 150 on an H200, bf16 inputs, 4 warps, "tf32":
+The fp32 products of the inverse use ``DOT`` precision: "tf32", as in fla's own kernels (upstream's numerics).
+With half-precision inputs the inverse is rounded to bf16 for storage and for w and u, a coarser step than
+TF32's. With fp32 inputs the exact product ("ieee") is not usable at these tiles: Triton computes it without tensor
+cores and the 64×64 fp32 tiles spill (7.7 ms per call at 4 warps, 3.96 at 8, 48.5 at 2, against 0.46 in TF32).
+At B = 150 on an H200, bf16 inputs, 4 warps, "tf32":
 0.459 ms per call (0.437 without the inverse), against 0.595 (0.500) for the kernel before this one, which built
 the inverse from sixteen 16×16 blocks at one warp (255 registers, spills: latency-bound), and 1.19 ms for fla's
 three kernels. The same algebra on dense 64×64 tiles throughout (the diagonal blocks' powers as 64×64 dots, 4×
@@ -35,7 +37,7 @@ import triton.language as tl
 
 CHUNK = 64                                  # fla's Comba chunk, which its other kernels assume
 WY_TILE = {"num_warps": 4, "DOT": "tf32"}         # half-precision inputs; benchmarks/triton_tiles_bench.py sweeps it
-WY_TILE_FP32 = {"num_warps": 4, "DOT": "ieee"}    # fp32 inputs: exact products (not yet timed at this kernel)
+WY_TILE_FP32 = {"num_warps": 4, "DOT": "tf32"}    # fp32 inputs (exact products spill: see above)
 
 
 @triton.jit
@@ -118,7 +120,7 @@ def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
 
 # ----------------------------------------------------------------------------------------------------- backward
 WY_BWD_TILE = {"num_warps": 4}                    # half-precision inputs; triton_tiles_bench.py sweeps it
-WY_BWD_TILE_FP32 = {"num_warps": 4, "DOT": "tf32"}  # fp32 inputs
+WY_BWD_TILE_FP32 = {"num_warps": 4, "DOT": "tf32"}  # fp32 inputs ("ieee" spills: 86 ms a call at 4 warps)
 
 
 @triton.jit
