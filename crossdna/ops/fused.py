@@ -5,7 +5,8 @@ nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reas
 * ``comba``: fla's chunked Comba kernels, except that the forward is two Triton kernels of ours: the chunk-local
   WY form (the inverse and w, u; ``crossdna/ops/comba_wy_triton.py``: fla's three kernels for it took most of
   fla's forward time) and the recurrence with the output (``crossdna/ops/comba_output_triton.py``, in place of
-  fla's two, which wrote every chunk's state and read it back). It runs in v's dtype (fp32 by default, as
+  fla's two, which wrote every chunk's state and read it back); the backward is fla's, ending in our WY-form
+  backward (``wy_form_backward``, which also does fla's four passes after it). It runs in v's dtype (fp32 by default, as
   upstream; bf16 when the model lets Comba follow the ambient autocast); g (log decay) is always fp32 and the
   state accumulates in fp32 inside the kernels either way.
 * ``swa``: FlexAttention with a causal band block mask of 64×64 blocks (at l = 1024, W = 512 the band touches 108
