@@ -110,6 +110,20 @@ CASES = [  # B, T, H, K, V, log-decay scale
 ]
 
 
+# and on a GPU, the 8.1M model's shape (8 heads of 64, 1024 tokens) and a ragged one with strong decays
+GPU_CASES = [*CASES, (3, 1024, 8, 64, 64, 0.3), (2, 300, 8, 64, 64, 8.0)]
+
+
+def _gpu_inputs(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """``_inputs`` at the 8.1M model's shape on the GPU: k, p, v, β in ``dtype`` and fla's γ⁰, γ (log2 units)."""
+    from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
+    from fla.ops.utils.constant import RCP_LN2
+
+    k, p, v, beta, g = (x.to("cuda", dtype) if i < 4 else x.float().cuda() for i, x in
+                        enumerate(_inputs(3, 1024, 8, 64, 64, seed=seed)))
+    return [k, p, v, beta, *chunk_comba_cumsum_scalar_fwd(g, chunk_size=64, scale=RCP_LN2)]
+
+
 def test_triton_kernel_matches_reference_interpreted():
     """Index arithmetic, masks and the block algebra on CPU through TRITON_INTERPRET=1 (set before Triton is imported,
     hence a fresh interpreter)."""
@@ -174,20 +188,15 @@ def test_triton_kernel_matches_reference_and_fla_on_gpu(dtype):
     """At the 8.1M model's shape (8 heads of 64, 1024 tokens) and a ragged one; and against fla's
     chunk_scaled_dot_comba_pkt_fwd + solve_tril + recompute_w_u_fwd on the same inputs (in fp32 fla builds M and w
     with TF32 dots)."""
-    failures = check_triton_against_reference("cuda", dtype,
-                                              [*CASES, (3, 1024, 8, 64, 64, 0.3), (2, 300, 8, 64, 64, 8.0)])
+    failures = check_triton_against_reference("cuda", dtype, GPU_CASES)
     assert not failures, "\n".join(failures)
 
-    from fla.ops.comba.utils import chunk_comba_cumsum_scalar_fwd
     from fla.ops.comba.wy_fast import chunk_scaled_dot_comba_pkt_fwd, recompute_w_u_fwd
     from fla.ops.utils import solve_tril
-    from fla.ops.utils.constant import RCP_LN2
 
     from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
 
-    k, p, v, beta, g = (x.to("cuda", dtype) if i < 4 else x.float().cuda() for i, x in
-                        enumerate(_inputs(3, 1024, 8, 64, 64, seed=2)))
-    g0, gam = chunk_comba_cumsum_scalar_fwd(g, chunk_size=64, scale=RCP_LN2)
+    k, p, v, beta, g0, gam = _gpu_inputs(dtype, seed=2)
     inverse = solve_tril(chunk_scaled_dot_comba_pkt_fwd(k=k, p=p, beta=beta, g0=g0, g=gam,
                                                         output_dtype=torch.float32), output_dtype=dtype)
     w, u = recompute_w_u_fwd(k=p, v=v, beta=beta, A=inverse, g_cumsum=g0, cu_seqlens=None)
@@ -202,25 +211,21 @@ def test_triton_kernel_matches_reference_and_fla_on_gpu(dtype):
 def test_triton_backward_matches_reference_and_fla_on_gpu(dtype):
     """At the 8.1M model's shape and a ragged one against float64; and against what it replaces in fla's
     ``chunk_comba_bwd``: ``prepare_wy_repr_bwd``, the two adds and the two chunk-local cumsums."""
-    failures = check_triton_backward_against_reference("cuda", dtype,
-                                                       [*CASES, (3, 1024, 8, 64, 64, 0.3), (2, 300, 8, 64, 64, 8.0)])
+    failures = check_triton_backward_against_reference("cuda", dtype, GPU_CASES)
     assert not failures, "\n".join(failures)
 
-    from fla.ops.comba.utils import chunk_comba_cumsum_scalar_bwd, chunk_comba_cumsum_scalar_fwd
+    from fla.ops.comba.utils import chunk_comba_cumsum_scalar_bwd
     from fla.ops.comba.wy_fast import prepare_wy_repr_bwd
     from fla.ops.utils import chunk_local_cumsum
-    from fla.ops.utils.constant import RCP_LN2
 
     from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
     from crossdna.ops.comba_wy_triton import wy_form_backward
 
-    k, p, v, beta, g = (x.to("cuda", dtype) if i < 4 else x.float().cuda() for i, x in
-                        enumerate(_inputs(3, 1024, 8, 64, 64, seed=3)))
-    g0, gam = chunk_comba_cumsum_scalar_fwd(g, chunk_size=64, scale=RCP_LN2)
+    k, p, v, beta, g0, gam = _gpu_inputs(dtype, seed=3)
     inverse = triton_wy_form(k, p, v, beta, g0, gam)[0]
     gen = torch.Generator(device="cuda").manual_seed(4)
     dw, du, dk = (torch.randn(x.shape, generator=gen, device="cuda").to(dtype) for x in (k, v, k))
-    dg = torch.randn(g.shape, generator=gen, device="cuda")
+    dg = torch.randn(gam.shape, generator=gen, device="cuda")
     dk2, dv, dp, dbeta, dg0, dg2 = prepare_wy_repr_bwd(k=k, v=v, p=p, beta=beta, g0=g0, g=gam, A=inverse, dw=dw,
                                                        du=du, cu_seqlens=None)
     theirs = dict(dk=dk + dk2, dv=dv, dp=dp, dbeta=dbeta,

@@ -41,13 +41,18 @@ WY_TILE_FP32 = {"num_warps": 4, "DOT": "tf32"}    # fp32 inputs (exact products 
 
 
 @triton.jit
+def _chunk_rows(T, H: tl.constexpr):
+    """The 64 tokens of this program's chunk (program 0) and head (program 1, with the batch): which of them exist
+    (t < T) and their row offsets in [B, T, H, ·] tensors, in units of the last dim."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    t = i_t * 64 + tl.arange(0, 64)
+    return t < T, ((i_bh // H).to(tl.int64) * T + t) * H + i_bh % H
+
+
+@triton.jit
 def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     STORE_INVERSE: tl.constexpr, DOT: tl.constexpr):
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t = i_t * 64 + tl.arange(0, 64)
-    ok = t < T
-    off = (i_b.to(tl.int64) * T + t) * H + i_h
+    ok, off = _chunk_rows(T, H)
     c, cv, r = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, 64)
 
     k = tl.load(K + off[:, None] * DK + c[None, :], mask=ok[:, None], other=0.0)
@@ -119,7 +124,7 @@ def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------------- backward
-WY_BWD_TILE = {"num_warps": 4}                    # half-precision inputs; triton_tiles_bench.py sweeps it
+WY_BWD_TILE = {"num_warps": 4, "DOT": "tf32"}       # half-precision inputs; triton_tiles_bench.py sweeps it
 WY_BWD_TILE_FP32 = {"num_warps": 4, "DOT": "tf32"}  # fp32 inputs ("ieee" spills: 86 ms a call at 4 warps)
 
 
@@ -129,11 +134,7 @@ def _wy_form_bwd_kernel(K, P, V, BETA, G0, G, AI, DW, DU, DK, DG, DV, DP, DBETA,
     # The order keeps few 64×64 tiles alive at once (at 4 warps a fp32 tile is 32 registers a thread): dA first,
     # then the triangle's gradient dS, which consumes it, then what needs dS, and last the products with Aᵀ, whose
     # operands are loaded again (from L2) rather than held.
-    i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    t = i_t * 64 + tl.arange(0, 64)
-    ok = t < T
-    off = (i_b.to(tl.int64) * T + t) * H + i_h
+    ok, off = _chunk_rows(T, H)
     c, cv, r = tl.arange(0, DK_), tl.arange(0, DV_), tl.arange(0, 64)
     lower = r[:, None] > r[None, :]
     at_k = off[:, None] * DK_ + c[None, :]
@@ -205,7 +206,7 @@ def wy_form_backward(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: to
         raise ValueError(f"wy_form_backward: dg must be fp32, got {dg.dtype}")
     k, p, v, beta, g0, g, inverse, dw, du = (x.contiguous() for x in (k, p, v, beta, g0, g, inverse, dw, du))
     dv, dp, dbeta = torch.empty_like(v), torch.empty_like(p), torch.empty_like(beta)
-    tile = WY_BWD_TILE_FP32 if k.dtype == torch.float32 else {**WY_BWD_TILE, "DOT": "tf32"}
+    tile = WY_BWD_TILE_FP32 if k.dtype == torch.float32 else WY_BWD_TILE
     _wy_form_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, p, v, beta, g0, g, inverse, dw, du, dk, dg, dv, dp,
                                                         dbeta, T, H, DK, DV, **tile)
     return dv, dp, dbeta
