@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -408,6 +409,36 @@ def test_ablations_run_end_to_end(changes):
         assert torch.equal(again.target_a, out.target_a)  # no dropout in the teacher pass
     else:
         assert model.bridge is None and not any("bridge" in k for k in model.state_dict())
+
+
+def test_hybrid_gate_is_upstreams_and_keeps_no_concatenation():
+    """The hybrid core's gate σ(W[m‖t] + b) is computed as W_m·m + W_t·t + b: the same values and gradients as
+    through the concatenation (W stays one [d, 2d] weight, upstream's key), and the [B, T, 2d] concatenation is not
+    among the tensors kept for the backward (it would duplicate m and t, which the mix keeps)."""
+    from crossdna.model.branch import EnhancedHybridCore
+
+    torch.manual_seed(0)
+    cfg = CrossDNAConfig.preset("tiny")
+    layer = EnhancedHybridCore(cfg, 0)
+    x = torch.randn(2, 96, cfg.d_model)
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layer(x, "reference")
+    tokens = x.shape[0] * x.shape[1]
+    assert not [s for s in saved if s[-1] == 2 * cfg.d_model and math.prod(s[:-1]) == tokens], saved
+    out.square().sum().backward()
+
+    m = layer.comba(x, "reference")
+    t = layer.transformer(m, "reference")
+    g = torch.sigmoid(F.linear(torch.cat([m, t], dim=-1), layer.gate.weight, layer.gate.bias))
+    torch.testing.assert_close(out, layer.out_norm(g * t + (1 - g) * m))
+    grad = torch.autograd.grad(layer.out_norm(g * t + (1 - g) * m).square().sum(), layer.gate.weight)[0]
+    torch.testing.assert_close(layer.gate.weight.grad, grad)
 
 
 def test_compiled_model_is_the_eager_model():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .comba import Comba
@@ -26,7 +27,10 @@ class EnhancedHybridCore(nn.Module):
     def forward(self, x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         m = self.comba(x, backend)
         t = self.transformer(m, backend)
-        g = torch.sigmoid(self.gate(torch.cat([m, t], dim=-1)))
+        # W[m‖t] + b as W_m·m + W_t·t + b: the weight's gradient would keep the concatenation until the backward, a
+        # copy of m and t, which the mix below keeps anyway (0.9 GiB of the step's peak at B = 150 and L = 1024)
+        w_m, w_t = self.gate.weight.split(m.shape[-1], dim=1)
+        g = torch.sigmoid(F.linear(m, w_m, self.gate.bias) + F.linear(t, w_t))
         return self.out_norm(g * t + (1 - g) * m)
 
 
