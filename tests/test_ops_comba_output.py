@@ -22,7 +22,11 @@ def check_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]
     from crossdna.ops.comba_output_triton import state_output
     from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
 
+    from crossdna.ops.comba_wy_triton import WY_TILE_FP32
+
     tol = 2e-5 if dtype == torch.float32 else 2e-2
+    # fp32 on a GPU: the WY kernel multiplies in TF32 (as fla's kernels do), the output kernel here does not
+    wy_tol = 5e-3 if dtype == torch.float32 and device != "cpu" and WY_TILE_FP32["DOT"] != "ieee" else tol
     failures = []
     for B, T, H, K, V, decay in cases:
         k, p, v, beta, g = _rounded_inputs(B, T, H, K, V, decay, dtype)
@@ -34,12 +38,13 @@ def check_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]
         on = lambda x: x.to(device, dtype)  # noqa: E731
         gam_d = gam.float().to(device)
         _, w_t, u_t = triton_wy_form(on(k), on(p), on(v), on(beta), g0.float().to(device), gam_d, keep_inverse=False)
-        for source, (w_in, u_in) in (("float64 WY form", (on(w), on(u))), ("Triton WY form", (w_t, u_t))):
+        for source, (w_in, u_in), bound in (("float64 WY form", (on(w), on(u)), tol),
+                                            ("Triton WY form", (w_t, u_t), wy_tol)):
             got = state_output(on(q), on(k), w_in, u_in, gam_d, SCALE)
             err = rel(got.cpu(), want)
-            if got.dtype != dtype or got.shape != want.shape or not err < tol:
+            if got.dtype != dtype or got.shape != want.shape or not err < bound:
                 failures.append(f"{(B, T, H, K, V, decay)} {dtype} after the {source}: {got.dtype} "
-                                f"{tuple(got.shape)}, rel {err:.2e} (tol {tol:.0e})")
+                                f"{tuple(got.shape)}, rel {err:.2e} (tol {bound:.0e})")
     return failures
 
 
