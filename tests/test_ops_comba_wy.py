@@ -8,8 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from crossdna.ops.comba import wy_form
+from crossdna.ops.comba_wy_triton import _tf32
 
 from tests.kernel_checks import rel, run_interpreted
 
@@ -78,8 +81,9 @@ def check_triton_against_reference(device: str, dtype: torch.dtype, cases) -> li
     from crossdna.ops.comba_wy_triton import WY_TILE_FP32
     from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
 
-    # fp32 on a GPU multiplies in TF32 (as fla's kernels do); Triton's interpreter multiplies in fp32
-    exact = dtype == torch.float32 and (device == "cpu" or WY_TILE_FP32["DOT"] == "ieee")
+    # fp32 multiplies in TF32 (as fla's kernels do), the operands rounded by the kernel, which Triton's interpreter
+    # runs too; with DOT "ieee" the products are exact
+    exact = dtype == torch.float32 and WY_TILE_FP32["DOT"] == "ieee"
     tol = 2e-6 if exact else 5e-3 if dtype == torch.float32 else 1e-2
     failures = []
     for B, T, H, K, V, decay in cases:
@@ -124,10 +128,45 @@ def _gpu_inputs(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
     return [k, p, v, beta, *chunk_comba_cumsum_scalar_fwd(g, chunk_size=64, scale=RCP_LN2)]
 
 
+EXACT_PRODUCTS = ("import crossdna.ops.comba_wy_triton as m; "
+                  "m.WY_TILE_FP32['DOT'] = m.WY_BWD_TILE_FP32['DOT'] = 'ieee'")
+
+
 def test_triton_kernel_matches_reference_interpreted():
     """Index arithmetic, masks and the block algebra on CPU through TRITON_INTERPRET=1 (set before Triton is imported,
-    hence a fresh interpreter)."""
-    run_interpreted("test_ops_comba_wy", "check_triton_against_reference")
+    hence a fresh interpreter): with the operands rounded to TF32 as on a GPU, and with exact products at the tight
+    bound."""
+    run_interpreted("test_ops_comba_wy", "check_triton_against_reference", EXACT_PRODUCTS, len(CASES))
+
+
+@triton.jit
+def _round_kernel(X, Y, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, _tf32(tl.load(X + i), True))
+
+
+def check_tf32_rounding(device: str, dtype: torch.dtype, cases) -> list[str]:
+    """The kernels' ``_tf32``: fp32 to the nearest TF32 value (10 mantissa bits), ties away from zero, as
+    ``cvt.rna.tf32.f32``; not the truncation a TF32 dot applies to fp32 operands."""
+    ulp = 2.0 ** -10   # TF32's spacing in [1, 2)
+    want = {1 + ulp / 2: 1 + ulp, 1 + ulp / 4: 1.0, 1 + 3 * ulp / 4: 1 + ulp, -(1 + ulp / 2): -(1 + ulp),
+            3.0: 3.0, 1 + ulp / 2 - 2.0 ** -23: 1.0, 0.0: 0.0}
+    x = torch.cat([torch.tensor(list(want), dtype=torch.float32),
+                   torch.randn(121, generator=torch.Generator().manual_seed(0)) * 100]).to(device)
+    y = torch.empty_like(x)
+    _round_kernel[(1,)](x, y, N=x.numel())
+    failures = [f"_tf32({a!r}) = {b!r}, want {want[a]!r}" for a, b in zip(list(want), y[:len(want)].tolist())
+                if b != want[a]]
+    bits = y.view(torch.int32)
+    if (bits & 0x1FFF).any():
+        failures.append("low 13 mantissa bits not cleared")
+    if ((y - x).abs() > x.abs() * 2.0 ** -11).any():
+        failures.append(f"error above half a TF32 ulp: {((y - x).abs() / x.abs()).max().item():.2e}")
+    return failures
+
+
+def test_tf32_rounding_interpreted():
+    run_interpreted("test_ops_comba_wy", "check_tf32_rounding")
 
 
 def _chunk_cumsum(g: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -158,8 +197,7 @@ def _backward_case(B, T, H, K, V, decay, dtype: torch.dtype, seed: int = 0):
 def check_triton_backward_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]:
     from crossdna.ops.comba_wy_triton import WY_BWD_TILE_FP32, wy_form_backward
 
-    # fp32 on a GPU multiplies in TF32 (as fla's kernels do); Triton's interpreter multiplies in fp32
-    exact = dtype == torch.float32 and (device == "cpu" or WY_BWD_TILE_FP32["DOT"] == "ieee")
+    exact = dtype == torch.float32 and WY_BWD_TILE_FP32["DOT"] == "ieee"   # as in the forward's check
     tol = 2e-5 if exact else 5e-3 if dtype == torch.float32 else 2e-2
     failures = []
     for case in cases:
@@ -178,7 +216,7 @@ def check_triton_backward_against_reference(device: str, dtype: torch.dtype, cas
 def test_triton_backward_matches_reference_interpreted():
     """The backward kernel against float64 autograd through the reference WY form, on CPU in Triton's interpreter
     (the gradients of k and γ accumulate onto what the rest of Comba's backward passes in; γ's becomes g's)."""
-    run_interpreted("test_ops_comba_wy", "check_triton_backward_against_reference")
+    run_interpreted("test_ops_comba_wy", "check_triton_backward_against_reference", EXACT_PRODUCTS, len(CASES))
 
 
 @pytest.mark.gpu

@@ -19,6 +19,11 @@ for w and u. Here one program per chunk and head holds M and its inverse in regi
   it is not written at all.
 
 The fp32 products of the inverse use ``DOT`` precision: "tf32", as in fla's own kernels (upstream's numerics).
+With fp32 inputs the kernels round each product's operands to TF32 to nearest themselves (``_tf32``): given fp32
+operands, the tensor cores truncate them, and the inverse's power series accumulates that one-signed error. In the
+8.1M model in fp32 (B = 2, T = 1024; Triton's interpreter with either rounding of its dots' operands) the logits
+are 8.8e-2 from the reference with truncation, what the GPU gave (8.5e-2), and 1.5e-2 with rounding (upstream
+measured 2.7e-2 for fla's kernels).
 With half-precision inputs the inverse is rounded to bf16 for storage and for w and u, a coarser step than
 TF32's. With fp32 inputs the exact product ("ieee") is not usable at these tiles: Triton computes it without tensor
 cores and the 64×64 fp32 tiles spill (7.7 ms per call at 4 warps, 3.96 at 8, 48.5 at 2, against 0.46 in TF32).
@@ -50,8 +55,22 @@ def _chunk_rows(T, H: tl.constexpr):
 
 
 @triton.jit
+def _tf32(x, ROUND: tl.constexpr):
+    """With ``ROUND``, fp32 x rounded to TF32 to nearest (ties away, as ``cvt.rna.tf32``); else x. A TF32 dot of fp32
+    operands truncates them instead (the tensor cores ignore the low 13 mantissa bits): see the module docstring."""
+    if ROUND:
+        x = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _dot(a, b, DOT: tl.constexpr, ROUND: tl.constexpr):
+    return tl.dot(_tf32(a, ROUND), _tf32(b, ROUND), input_precision=DOT)
+
+
+@triton.jit
 def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                    STORE_INVERSE: tl.constexpr, DOT: tl.constexpr):
+                    STORE_INVERSE: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr):
     ok, off = _chunk_rows(T, H)
     c, cv, r = tl.arange(0, DK), tl.arange(0, DV), tl.arange(0, 64)
 
@@ -69,7 +88,7 @@ def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.c
     # and the rows past T of a ragged last chunk (γ⁰ loaded as 0 there, against γ_s of −100s under Comba's strong
     # decays); their m is 0, but 0·inf is NaN, which the products then carry into every row. Capping the
     # exponent at 0 changes no kept entry.
-    m = tl.dot(pb.to(k.dtype), tl.trans(k), input_precision=DOT) * tl.exp2(tl.minimum(g0[:, None] - g[None, :], 0.0))
+    m = _dot(pb.to(k.dtype), tl.trans(k), DOT, ROUND) * tl.exp2(tl.minimum(g0[:, None] - g[None, :], 0.0))
     m = tl.where(r[:, None] > r[None, :], m, 0.0)
     diagonal = (r[:, None] // 16) == (r[None, :] // 16)
     eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
@@ -81,27 +100,34 @@ def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.c
     d = tl.sum(tl.where(on_diagonal, tl.reshape(m, [4, 16, 4, 16]), 0.0), axis=2)  # [4, 16, 16]: D's blocks
     r16 = tl.arange(0, 16)
     x = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)[None, :, :] - d
-    d = tl.dot(d, d, input_precision=DOT)
-    x += tl.dot(x, d, input_precision=DOT)
-    d = tl.dot(d, d, input_precision=DOT)
-    x += tl.dot(x, d, input_precision=DOT)
-    d = tl.dot(d, d, input_precision=DOT)
-    x += tl.dot(x, d, input_precision=DOT)
+    d = _dot(d, d, DOT, ROUND)
+    x += _dot(x, d, DOT, ROUND)
+    d = _dot(d, d, DOT, ROUND)
+    x += _dot(x, d, DOT, ROUND)
+    d = _dot(d, d, DOT, ROUND)
+    x += _dot(x, d, DOT, ROUND)
     x = tl.reshape(tl.where(on_diagonal, tl.expand_dims(x, 2), 0.0), [64, 64])  # block diagonal X
 
     # I + M = (I + D)(I + N) with N = (I + D)⁻¹ (M − D), strictly lower in 16-blocks: N⁴ = 0, so
     # (I + M)⁻¹ = (I − N + N² − N³)(I + D)⁻¹
-    n = tl.dot(x, tl.where(diagonal, 0.0, m), input_precision=DOT)
-    n2 = tl.dot(n, n, input_precision=DOT)
-    inverse = tl.dot(eye - n + n2 - tl.dot(n, n2, input_precision=DOT), x, input_precision=DOT).to(k.dtype)
+    n = _dot(x, tl.where(diagonal, 0.0, m), DOT, ROUND)
+    n2 = _dot(n, n, DOT, ROUND)
+    inverse = _dot(eye - n + n2 - _dot(n, n2, DOT, ROUND), x, DOT, ROUND).to(k.dtype)
 
     # w and u from the inverse rounded to the input dtype, as fla's backward reads the stored inverse
-    w = tl.dot(inverse, pg, input_precision=DOT)
-    u = tl.dot(inverse.to(v.dtype), vb, input_precision=DOT)
+    w = _dot(inverse, pg, DOT, ROUND)
+    u = _dot(inverse.to(v.dtype), vb, DOT, ROUND)
     tl.store(W + off[:, None] * DK + c[None, :], w.to(W.dtype.element_ty), mask=ok[:, None])
     tl.store(U + off[:, None] * DV + cv[None, :], u.to(U.dtype.element_ty), mask=ok[:, None])
     if STORE_INVERSE:
         tl.store(AI + off[:, None] * 64 + r[None, :], inverse, mask=ok[:, None])
+
+
+def _rounds(k: torch.Tensor, tile: dict) -> bool:
+    """Whether the kernels round their operands to TF32 themselves (:func:`_tf32`): with fp32 inputs and TF32
+    products. With half-precision inputs the inverse's products stay truncated: the inputs' own rounding is coarser,
+    and the benchmarked bf16 path keeps its code."""
+    return k.dtype == torch.float32 and tile["DOT"] == "tf32"
 
 
 def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g0: torch.Tensor,
@@ -119,7 +145,7 @@ def wy_form(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: torch.Tenso
     w, u = torch.empty_like(k), torch.empty_like(v)
     tile = WY_TILE_FP32 if k.dtype == torch.float32 else WY_TILE
     _wy_form_kernel[(triton.cdiv(T, CHUNK), B * H)](k, p, v, beta, g0, g, inverse, w, u, T, H, DK, DV,
-                                                     STORE_INVERSE=keep_inverse, **tile)
+                                                     STORE_INVERSE=keep_inverse, ROUND=_rounds(k, tile), **tile)
     return inverse, w, u
 
 
@@ -130,7 +156,7 @@ WY_BWD_TILE_FP32 = {"num_warps": 4, "DOT": "tf32"}  # fp32 inputs ("ieee" spills
 
 @triton.jit
 def _wy_form_bwd_kernel(K, P, V, BETA, G0, G, AI, DW, DU, DK, DG, DV, DP, DBETA, T, H: tl.constexpr,
-                        DK_: tl.constexpr, DV_: tl.constexpr, DOT: tl.constexpr):
+                        DK_: tl.constexpr, DV_: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr):
     # The order keeps few 64×64 tiles alive at once (at 4 warps a fp32 tile is 32 registers a thread): dA first,
     # then the triangle's gradient dS, which consumes it, then what needs dS, and last the products with Aᵀ, whose
     # operands are loaded again (from L2) rather than held.
@@ -149,35 +175,35 @@ def _wy_form_bwd_kernel(K, P, V, BETA, G0, G, AI, DW, DU, DK, DG, DV, DP, DBETA,
 
     # w = A·diag(β 2^{γ⁰})P and u = A·diag(β)V: dA = dw·(β 2^{γ⁰} P)ᵀ + du·(βV)ᵀ
     p = tl.load(P + at_k, mask=ok[:, None], other=0.0)
-    d_a = tl.dot(tl.load(DW + at_k, mask=ok[:, None], other=0.0),
-                 tl.trans((p * (beta * e0)[:, None]).to(dtype)), input_precision=DOT)
+    d_a = _dot(tl.load(DW + at_k, mask=ok[:, None], other=0.0), tl.trans((p * (beta * e0)[:, None]).to(dtype)),
+               DOT, ROUND)
     v = tl.load(V + at_v, mask=ok[:, None], other=0.0)
-    d_a = tl.dot(tl.load(DU + at_v, mask=ok[:, None], other=0.0), tl.trans((v * beta[:, None]).to(dtype)), d_a,
-                 input_precision=DOT)
+    d_a = tl.dot(_tf32(tl.load(DU + at_v, mask=ok[:, None], other=0.0), ROUND),
+                 _tf32(tl.trans((v * beta[:, None]).to(dtype)), ROUND), d_a, input_precision=DOT)
 
     # A = (I + M)⁻¹ with M strictly lower: dM = −Aᵀ dA Aᵀ on the strict lower triangle; then through
     # M[t,s] = β_t (p_t·k_s) 2^{γ⁰_t − γ_s} (the exponent capped at 0 as in the forward: only kept entries count)
     d_a = tl.where(lower, d_a, 0.0).to(dtype)
-    d_m = tl.dot(tl.trans(a), tl.dot(d_a, tl.trans(a), input_precision=DOT).to(dtype), input_precision=DOT)
+    d_m = _dot(tl.trans(a), _dot(d_a, tl.trans(a), DOT, ROUND).to(dtype), DOT, ROUND)
     d_s = tl.where(lower, -d_m * tl.exp2(tl.minimum(g0[:, None] - g[None, :], 0.0)), 0.0).to(dtype)
     k = tl.load(K + at_k, mask=ok[:, None], other=0.0)
     pb = (p * beta[:, None]).to(dtype)
     dk = tl.load(DK + at_k, mask=ok[:, None], other=0.0).to(tl.float32)
-    dk = tl.dot(tl.trans(d_s), pb, dk, input_precision=DOT)
+    dk = tl.dot(_tf32(tl.trans(d_s), ROUND), _tf32(pb, ROUND), dk, input_precision=DOT)
     tl.store(DK + at_k, dk.to(DK.dtype.element_ty), mask=ok[:, None])
     # the decays: d(γ⁰_t) += Σ_s dM⊙M, d(γ_s) −= Σ_t dM⊙M
-    dmm = d_s.to(tl.float32) * tl.dot(pb, tl.trans(k), input_precision=DOT)
+    dmm = d_s.to(tl.float32) * _dot(pb, tl.trans(k), DOT, ROUND)
     dg0 = tl.sum(dmm, 1)
     dgam = tl.load(DG + off, mask=ok, other=0.0) - tl.sum(dmm, 0)
-    dpb = tl.dot(d_s, k, input_precision=DOT)
+    dpb = _dot(d_s, k, DOT, ROUND)
 
     # d(β 2^{γ⁰} P) = Aᵀdw and d(βV) = Aᵀdu
     p = p.to(tl.float32)
-    dpg = tl.dot(tl.trans(a), tl.load(DW + at_k, mask=ok[:, None], other=0.0), input_precision=DOT)
+    dpg = _dot(tl.trans(a), tl.load(DW + at_k, mask=ok[:, None], other=0.0), DOT, ROUND)
     tl.store(DP + at_k, ((dpg * e0[:, None] + dpb) * beta[:, None]).to(DP.dtype.element_ty), mask=ok[:, None])
     dbeta = tl.sum((dpg * e0[:, None] + dpb) * p, 1)
     dg0 += tl.sum(dpg * p, 1) * beta * e0
-    dvb = tl.dot(tl.trans(a), tl.load(DU + at_v, mask=ok[:, None], other=0.0), input_precision=DOT)
+    dvb = _dot(tl.trans(a), tl.load(DU + at_v, mask=ok[:, None], other=0.0), DOT, ROUND)
     tl.store(DV + at_v, (dvb * beta[:, None]).to(DV.dtype.element_ty), mask=ok[:, None])
     dbeta += tl.sum(dvb * v.to(tl.float32), 1)
     tl.store(DBETA + off, dbeta.to(DBETA.dtype.element_ty), mask=ok)
@@ -212,5 +238,5 @@ def wy_form_backward(k: torch.Tensor, p: torch.Tensor, v: torch.Tensor, beta: to
         # wrong by 80%, once an illegal address), not at 64; the interpreter and 8 warps are right
         tile = {**tile, "num_warps": 8}
     _wy_form_bwd_kernel[(triton.cdiv(T, CHUNK), B * H)](k, p, v, beta, g0, g, inverse, dw, du, dk, dg, dv, dp,
-                                                        dbeta, T, H, DK, DV, **tile)
+                                                        dbeta, T, H, DK, DV, ROUND=_rounds(k, tile), **tile)
     return dv, dp, dbeta
