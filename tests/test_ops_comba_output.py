@@ -20,9 +20,8 @@ def check_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]
     """The kernel on w, u of the float64 WY form and then on those of the Triton WY kernel, against the float64
     chunked Comba (which runs its own WY form and recurrence)."""
     from crossdna.ops.comba_output_triton import state_output
-    from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
-
     from crossdna.ops.comba_wy_triton import WY_TILE_FP32
+    from crossdna.ops.comba_wy_triton import wy_form as triton_wy_form
 
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     # fp32: the WY kernel multiplies in TF32 (as fla's kernels do; in the interpreter too), the output kernel does not
