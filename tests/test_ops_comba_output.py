@@ -27,8 +27,9 @@ def check_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]
     # fp32: the WY kernel multiplies in TF32 (as fla's kernels do; in the interpreter too), the output kernel does not
     wy_tol = 5e-3 if dtype == torch.float32 and WY_TILE_FP32["DOT"] != "ieee" else tol
     failures = []
-    for B, T, H, K, V, decay in cases:
-        k, p, v, beta, g = _rounded_inputs(B, T, H, K, V, decay, dtype)
+    for case in cases:
+        B, T, H, K = case[:4]
+        k, p, v, beta, g = _rounded_inputs(*case, dtype)
         q = F.normalize(torch.randn(B, T, H, K, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
                         dim=-1).to(dtype).double()
         want = chunk_comba(q, k, v, p, g, beta, scale=SCALE, use_qk_l2norm=False)
@@ -42,15 +43,16 @@ def check_against_reference(device: str, dtype: torch.dtype, cases) -> list[str]
             got = state_output(on(q), on(k), w_in, u_in, gam_d, SCALE)
             err = rel(got.cpu(), want)
             if got.dtype != dtype or got.shape != want.shape or not err < bound:
-                failures.append(f"{(B, T, H, K, V, decay)} {dtype} after the {source}: {got.dtype} "
+                failures.append(f"{case} {dtype} after the {source}: {got.dtype} "
                                 f"{tuple(got.shape)}, rel {err:.2e} (tol {bound:.0e})")
     return failures
 
 
-CASES = [  # B, T, H, K, V, log-decay scale
-    (2, 192, 2, 32, 16, 0.3),     # three chunks: the state carried twice
-    (1, 100, 3, 16, 32, 0.3),     # a ragged last chunk; V > K
-    (1, 100, 2, 32, 16, 8.0),     # decays past 2^-128 inside a chunk, rows past T
+CASES = [  # B, T, H, K, V, log-decay scale, keys (tests/test_ops_comba_wy.py _inputs)
+    (2, 192, 2, 32, 16, 0.3, "clustered"),     # three chunks: the state carried twice
+    (1, 100, 3, 16, 32, 0.3, "clustered"),     # a ragged last chunk; V > K
+    (1, 100, 2, 32, 16, 8.0, "clustered"),     # decays past 2^-128 inside a chunk, rows past T
+    (1, 192, 2, 16, 16, 0.01, "aligned"),      # keys as after some training
 ]
 
 
@@ -64,7 +66,9 @@ def test_triton_kernel_matches_reference_interpreted():
 def test_triton_kernel_matches_reference_and_fla_on_gpu(dtype):
     """At the 8.1M model's shape and a ragged one; and against fla's two kernels on the same w, u (fla's products
     are TF32 in fp32)."""
-    failures = check_against_reference("cuda", dtype, [*CASES, (3, 1024, 8, 64, 64, 0.3), (2, 300, 8, 64, 64, 8.0)])
+    failures = check_against_reference("cuda", dtype, [*CASES, (3, 1024, 8, 64, 64, 0.3, "clustered"),
+                                                        (2, 300, 8, 64, 64, 8.0, "clustered"),
+                                                        (3, 1024, 8, 64, 64, 0.01, "aligned")])
     assert not failures, "\n".join(failures)
 
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h

@@ -9,10 +9,16 @@ B = 150 on an H200 that pair took 0.94 ms per call, 7× the bytes it moves; a th
 for w and u. Here one program per chunk and head holds M and its inverse in registers, as whole 64×64 tiles:
 
 * M is one [64, K]·[K, 64] dot;
-* its four 16×16 diagonal blocks D are strictly lower triangular, so D¹⁶ = 0 and
-  (I + D)⁻¹ = (I − D)(I + D²)(I + D⁴)(I + D⁸): six batched [4, 16, 16] dots instead of a serial substitution;
-* with X = (I + D)⁻¹ (block diagonal), I + M = (I + D)(I + N) where N = X (M − D) is strictly lower in 16-blocks,
-  so N⁴ = 0 and (I + M)⁻¹ = (I − N + N² − N³) X: four 64×64 dots (blockwise, the same products as fla's merge);
+* the inverse by block forward substitution with doubling blocks: if X inverts I + M's b×b diagonal blocks,
+  X − X·C·X inverts its 2b×2b ones (C: the lower-left b×b block of each), so five levels of two dots each take
+  the 1×1 blocks to the whole chunk, those inside the 16×16 diagonal blocks as batched [4, 16, 16] dots. Every
+  factor is an inverse block or a block of M (|m| ≤ 1), as in fla's merge, so the products' TF32 rounding stays
+  at the TF32 level (per-chunk relative error ≤ 1e-3 on the 8.1M model's real inputs; tests/test_ops_comba_wy.py
+  "aligned" keys). Not a power series such as (I − D)(I + D²)(I + D⁴)(I + D⁸), which this kernel used before
+  2026-12-04 in as many dots: once a layer's keys align (p is k up to its norm, β near 1), I + M is close to
+  I + (all-ones strictly lower triangle), whose inverse is bidiagonal while the series' terms grow like binomial
+  coefficients and cancel; with TF32 products the inverse was off by up to 10% per chunk already at initialisation
+  on chr20, and bf16 training went NaN (docs/performance.md, Numerics);
 * w and u are one dot each of the inverse, rounded to the input dtype first as fla's kernel reads the stored
   inverse (so the backward, which recomputes w and u from it, sees the forward's values);
 * the inverse is exactly lower triangular, so the output needs no zero-fill; without gradients (the EMA teacher)
@@ -20,19 +26,16 @@ for w and u. Here one program per chunk and head holds M and its inverse in regi
 
 The fp32 products of the inverse use ``DOT`` precision: "tf32", as in fla's own kernels (upstream's numerics).
 With fp32 inputs the kernels round each product's operands to TF32 to nearest themselves (``_tf32``): given fp32
-operands, the tensor cores truncate them, and the inverse's power series accumulates that one-signed error. In the
-8.1M model in fp32 (B = 2, T = 1024; Triton's interpreter with either rounding of its dots' operands) the logits
-are 8.8e-2 from the reference with truncation, what the GPU gave (8.5e-2), and 1.5e-2 with rounding (upstream
-measured 2.7e-2 for fla's kernels).
+operands, the tensor cores truncate them, a one-signed error that products of products accumulate.
 With half-precision inputs the inverse is rounded to bf16 for storage and for w and u, a coarser step than
 TF32's. With fp32 inputs the exact product ("ieee") is not usable at these tiles: Triton computes it without tensor
 cores and the 64×64 fp32 tiles spill (7.7 ms per call at 4 warps, 3.96 at 8, 48.5 at 2, against 0.46 in TF32).
-At B = 150 on an H200, bf16 inputs, 4 warps, "tf32":
-0.459 ms per call (0.437 without the inverse), against 0.595 (0.500) for the kernel before this one, which built
-the inverse from sixteen 16×16 blocks at one warp (255 registers, spills: latency-bound), and 1.19 ms for fla's
-three kernels. The same algebra on dense 64×64 tiles throughout (the diagonal blocks' powers as 64×64 dots, 4×
-the products) took 0.567 (0.548); 8 warps 1.07, "tf32x3" 0.94. ``benchmarks/triton_tiles_bench.py`` sweeps the
-tile.
+At B = 150 on an H200, bf16 inputs, 4 warps, "tf32", the power-series kernel (the same dots at the same tiles;
+the doubling kernel is not yet timed on a GPU): 0.459 ms per call (0.437 without the inverse), against 0.595
+(0.500) for the kernel before it, which built the inverse from sixteen 16×16 blocks at one warp (255 registers,
+spills: latency-bound), and 1.19 ms for fla's three kernels. The same algebra on dense 64×64 tiles throughout
+(the diagonal blocks' powers as 64×64 dots, 4× the products) took 0.567 (0.548); 8 warps 1.07, "tf32x3" 0.94.
+``benchmarks/triton_tiles_bench.py`` sweeps the tile.
 """
 from __future__ import annotations
 
@@ -69,6 +72,12 @@ def _dot(a, b, DOT: tl.constexpr, ROUND: tl.constexpr):
 
 
 @triton.jit
+def _lower_left(r, b: tl.constexpr):
+    """Of a matrix indexed by r × r, the entries in the lower-left b×b block of each 2b×2b diagonal block."""
+    return ((r[:, None] // (2 * b)) == (r[None, :] // (2 * b))) & ((r[:, None] // b) > (r[None, :] // b))
+
+
+@triton.jit
 def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                     STORE_INVERSE: tl.constexpr, DOT: tl.constexpr, ROUND: tl.constexpr):
     ok, off = _chunk_rows(T, H)
@@ -90,29 +99,24 @@ def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.c
     # exponent at 0 changes no kept entry.
     m = _dot(pb.to(k.dtype), tl.trans(k), DOT, ROUND) * tl.exp2(tl.minimum(g0[:, None] - g[None, :], 0.0))
     m = tl.where(r[:, None] > r[None, :], m, 0.0)
-    diagonal = (r[:, None] // 16) == (r[None, :] // 16)
-    eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
 
-    # (I + D)⁻¹ of the 16×16 diagonal blocks D: each is strictly lower triangular, so D¹⁶ = 0 and
-    # (I + D)⁻¹ = (I − D)(I + D²)(I + D⁴)(I + D⁸)
+    # The inverse by block forward substitution, doubling the block size: with X the inverse of I + M's b×b
+    # diagonal blocks, that of its 2b×2b ones is X − X·C·X, C the lower-left b×b block of each 2b block. Every
+    # product is of bounded factors (inverse blocks and M's entries, |m| ≤ 1), as in fla's solve_tril; see the
+    # module docstring for the power series this replaces. First within the 16×16 diagonal blocks, as batched
+    # [4, 16, 16] dots (for b = 1 the blocks' inverses are 1, so X₂ = I − C), then across them on 64×64 tiles.
     blocks = tl.arange(0, 4)
     on_diagonal = (blocks[:, None, None, None] == blocks[None, None, :, None])
-    d = tl.sum(tl.where(on_diagonal, tl.reshape(m, [4, 16, 4, 16]), 0.0), axis=2)  # [4, 16, 16]: D's blocks
+    d = tl.sum(tl.where(on_diagonal, tl.reshape(m, [4, 16, 4, 16]), 0.0), axis=2)  # [4, 16, 16]: the blocks
     r16 = tl.arange(0, 16)
-    x = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)[None, :, :] - d
-    d = _dot(d, d, DOT, ROUND)
-    x += _dot(x, d, DOT, ROUND)
-    d = _dot(d, d, DOT, ROUND)
-    x += _dot(x, d, DOT, ROUND)
-    d = _dot(d, d, DOT, ROUND)
-    x += _dot(x, d, DOT, ROUND)
-    x = tl.reshape(tl.where(on_diagonal, tl.expand_dims(x, 2), 0.0), [64, 64])  # block diagonal X
-
-    # I + M = (I + D)(I + N) with N = (I + D)⁻¹ (M − D), strictly lower in 16-blocks: N⁴ = 0, so
-    # (I + M)⁻¹ = (I − N + N² − N³)(I + D)⁻¹
-    n = _dot(x, tl.where(diagonal, 0.0, m), DOT, ROUND)
-    n2 = _dot(n, n, DOT, ROUND)
-    inverse = _dot(eye - n + n2 - _dot(n, n2, DOT, ROUND), x, DOT, ROUND).to(k.dtype)
+    x = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)[None, :, :] - tl.where(
+        (r16[:, None] // 2) == (r16[None, :] // 2), d, 0.0)
+    for level in tl.static_range(1, 4):
+        x -= _dot(_dot(x, tl.where(_lower_left(r16, 1 << level), d, 0.0), DOT, ROUND), x, DOT, ROUND)
+    x = tl.reshape(tl.where(on_diagonal, tl.expand_dims(x, 2), 0.0), [64, 64])
+    for level in tl.static_range(4, 6):
+        x -= _dot(_dot(x, tl.where(_lower_left(r, 1 << level), m, 0.0), DOT, ROUND), x, DOT, ROUND)
+    inverse = x.to(k.dtype)
 
     # w and u from the inverse rounded to the input dtype, as fla's backward reads the stored inverse
     w = _dot(inverse, pg, DOT, ROUND)
