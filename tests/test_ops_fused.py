@@ -163,7 +163,7 @@ def test_comba_matches_float64_reference(dtype, out_tol, grad_tol, T):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("kernel", ["flex", "fla", "sdpa"])
-@pytest.mark.parametrize("T,window", [(1024, 512), (300, 64)])
+@pytest.mark.parametrize("T,window", [(1024, 512), (300, 64), (101, 512)])  # 101: flex's decoding kernel
 def test_sliding_window_kernels_match_reference(kernel, T, window):
     fused = importlib.import_module("crossdna.ops.fused")
     fused.set_swa_kernel(kernel)
@@ -182,6 +182,23 @@ def test_sliding_window_kernels_match_reference(kernel, T, window):
             assert rel(x.grad, r.grad) < 2e-2
     finally:
         fused.set_swa_kernel("flex")
+
+
+@pytest.mark.parametrize("length,window,block", [(1024, 512, 64), (300, 64, 64), (101, 101, 128), (64, 64, 128)])
+def test_band_block_mask_is_the_band(length, window, block):
+    """The flex block mask holds exactly the causal band, in 64-token blocks, or flex's 128 where flex would run
+    its decoding kernel (below 128 queries), whose query tile must divide the block."""
+    fused = importlib.import_module("crossdna.ops.fused")
+    mask = fused.band_block_mask(length, window, torch.device("cpu"))
+    assert mask.BLOCK_SIZE == (block, block)
+    i = torch.arange(length)
+    band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    assert torch.equal(mask.to_dense()[0, 0].repeat_interleave(block, 0).repeat_interleave(block, 1)
+                       [:length, :length].bool() | ~band, torch.ones_like(band))  # every band pair in a kept block
+    dense = torch.zeros(length, length, dtype=torch.bool)
+    for q in range(length):
+        dense[q] = mask.mask_mod(0, 0, torch.tensor(q), i)
+    assert torch.equal(dense, band)
 
 
 def test_rotary_tables_op_is_the_reference():

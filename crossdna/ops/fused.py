@@ -11,9 +11,10 @@ nothing and ``UNAVAILABLE`` says why (``crossdna.ops.resolve`` reports that reas
   state accumulates in fp32 inside the kernels either way.
 * ``swa``: FlexAttention with a causal band block mask of 64×64 blocks (at l = 1024, W = 512 the band touches 108
   of the 256, computing 1.12× the band's pairs; flex's default 128×128 touches 30 of 64, 1.25×, and was 13% slower
-  forward + backward on an H200), fla's ``parallel_attn(window_size=…)``, or SDPA with a dense band mask;
-  :func:`set_swa_kernel` picks one. Flex is the default because inductor compiles it into
-  the layer's graph; all three pass the same parity tests (docs/performance.md).
+  forward + backward on an H200; below 128 tokens the default, see ``_FLEX_DECODING_BELOW``), fla's
+  ``parallel_attn(window_size=…)``, or SDPA with a dense band mask; :func:`set_swa_kernel` picks one. Flex is the
+  default because inductor compiles it into the layer's graph; all three pass the same parity tests
+  (docs/performance.md).
 * ``comba_inputs``: Comba's input stage (three causal depthwise convs, SiLU, the q-correction, the L2 norms of q,
   k, p) as one Triton kernel each way (``crossdna/ops/comba_inputs_triton.py``); ``comba`` then runs without
   fla's own L2-norm passes.
@@ -194,10 +195,17 @@ def _flex_attention() -> Callable:
     return _compiled_flex
 
 
+# Flex runs fewer queries than this through its decoding kernel, whose query tile (the length rounded up to a power
+# of two) must divide the block mask's block: 65-127 tokens (GUE's 101) found no kernel with 64-token blocks
+# (inductor's NoValidChoicesError on an H200), so shorter sequences keep flex's default block of 128.
+_FLEX_DECODING_BELOW = 128
+
+
 def band_block_mask(length: int, window: int, device: torch.device):
     """FlexAttention block mask of the causal band i − window < j ≤ i, cached per shape and device (built in
     eager mode; :func:`crossdna.model.compile.compile_model` builds it before compiling)."""
-    key = (length, window, str(device), FLEX_TILE["block"])
+    block = FLEX_TILE["block"] if length >= _FLEX_DECODING_BELOW else 128
+    key = (length, window, str(device), block)
     mask = _block_masks.get(key)
     if mask is None:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -205,7 +213,7 @@ def band_block_mask(length: int, window: int, device: torch.device):
         def band(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
-        mask = create_block_mask(band, None, None, length, length, device=device, BLOCK_SIZE=FLEX_TILE["block"])
+        mask = create_block_mask(band, None, None, length, length, device=device, BLOCK_SIZE=block)
         if not torch.compiler.is_compiling():
             _block_masks[key] = mask
     return mask
