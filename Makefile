@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test clean
 
 $(STAMP): requirements/cpu.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
