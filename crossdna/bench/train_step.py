@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import statistics
 import time
@@ -270,6 +271,9 @@ def bench_batch(cfg: BenchConfig, batch: int, device: torch.device, progress: Ca
         "warmup_s": warmup_s,
         "final_loss": float(torch.stack(losses).mean()),
     }
+    if not math.isfinite(result["final_loss"]):
+        # A step that computes NaN can be fast (the flex option that gave 764.3k tokens/s did): kept, but as an error.
+        result["error"] = f"non-finite loss ({result['final_loss']}) in the timed steps: not a throughput result"
     if uncaptured is not None:
         result["uncaptured"] = uncaptured
     if batch in UPSTREAM:
