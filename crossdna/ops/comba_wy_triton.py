@@ -10,15 +10,16 @@ for w and u. Here one program per chunk and head holds M and its inverse in regi
 
 * M is one [64, K]·[K, 64] dot;
 * the inverse by block forward substitution with doubling blocks: if X inverts I + M's b×b diagonal blocks,
-  X − X·C·X inverts its 2b×2b ones (C: the lower-left b×b block of each), so five levels of two dots each take
-  the 1×1 blocks to the whole chunk, those inside the 16×16 diagonal blocks as batched [4, 16, 16] dots. Every
-  factor is an inverse block or a block of M (|m| ≤ 1), as in fla's merge, so the products' TF32 rounding stays
-  at the TF32 level (per-chunk relative error ≤ 1.1e-3 on the 8.1M model's chr20 inputs; test_ops_comba_wy.py
-  "aligned" keys). Not a power series such as (I − D)(I + D²)(I + D⁴)(I + D⁸), which this kernel used before
-  2026-12-04 in as many dots: once a layer's keys align (p is k up to its norm, β near 1), I + M is close to
-  I + (all-ones strictly lower triangle), whose inverse is bidiagonal while the series' terms grow like binomial
-  coefficients and cancel; with TF32 products the inverse was off by up to 10% per chunk already at initialisation
-  on chr20, and bf16 training went NaN (docs/performance.md, Numerics);
+  X − X·C·X inverts its 2b×2b ones (C: the lower-left b×b block of each). From 1×1 blocks (X = I, so the 2×2
+  inverse is I − C) five levels of two dots each reach the whole chunk, the three inside the 16×16 diagonal
+  blocks as batched [4, 16, 16] dots. Every factor is an inverse block or a block of M (|m| ≤ 1), as in fla's
+  merge, so the products' TF32 rounding stays at the TF32 level (per-chunk relative error ≤ 1.1e-3 on the 8.1M
+  model's chr20 inputs; test_ops_comba_wy.py "aligned" keys). Not a power series such as
+  (I − D)(I + D²)(I + D⁴)(I + D⁸), which this kernel used before 2026-12-04 in as many dots: once a layer's keys
+  align (p is k up to its norm, β near 1), I + M is close to I + (all-ones strictly lower triangle), whose
+  inverse is bidiagonal while the series' terms grow like binomial coefficients and cancel; with TF32 products
+  the inverse was off by up to 10% per chunk already at initialisation on chr20, and bf16 training went NaN
+  (docs/performance.md, Numerics);
 * w and u are one dot each of the inverse, rounded to the input dtype first as fla's kernel reads the stored
   inverse (so the backward, which recomputes w and u from it, sees the forward's values);
 * the inverse is exactly lower triangular, so the output needs no zero-fill; without gradients (the EMA teacher)
