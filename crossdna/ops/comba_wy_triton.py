@@ -110,8 +110,7 @@ def _wy_form_kernel(K, P, V, BETA, G0, G, AI, W, U, T, H: tl.constexpr, DK: tl.c
     on_diagonal = (blocks[:, None, None, None] == blocks[None, None, :, None])
     d = tl.sum(tl.where(on_diagonal, tl.reshape(m, [4, 16, 4, 16]), 0.0), axis=2)  # [4, 16, 16]: the blocks
     r16 = tl.arange(0, 16)
-    x = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)[None, :, :] - tl.where(
-        (r16[:, None] // 2) == (r16[None, :] // 2), d, 0.0)
+    x = tl.where(r16[:, None] == r16[None, :], 1.0, 0.0)[None, :, :] - tl.where(_lower_left(r16, 1), d, 0.0)
     for level in tl.static_range(1, 4):
         x -= _dot(_dot(x, tl.where(_lower_left(r16, 1 << level), d, 0.0), DOT, ROUND), x, DOT, ROUND)
     x = tl.reshape(tl.where(on_diagonal, tl.expand_dims(x, 2), 0.0), [64, 64])
