@@ -182,16 +182,35 @@ _compiled_flex: Callable | None = None
 _block_masks: dict = {}
 
 
+# Every shape, dtype and grad mode flex meets in eager mode is one more compilation of the one function: finetuning a
+# suite meets three per sequence length (training, evaluation, a last short batch). Past dynamo's default limit of 8
+# it would fall back to flex's unfused path, which holds [B, H, L, L] scores and breaks a CUDA graph capture (found by
+# the GPU tests, 2026-12-04); past this limit it raises instead.
+FLEX_RECOMPILE_LIMIT = 64
+
+
 def _flex_attention() -> Callable:
     """flex_attention is only fast compiled: inside a compiled region dynamo traces it as is, in eager mode it
-    goes through one ``torch.compile`` of its own (built on first use)."""
+    goes through one ``torch.compile`` of its own (built on first use), allowed ``FLEX_RECOMPILE_LIMIT`` shapes."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if torch.compiler.is_compiling():
         return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def run(q, *args, **kwargs):
+            try:
+                with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+                    return compiled(q, *args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+                raise RuntimeError(
+                    f"flex attention was compiled for {FLEX_RECOMPILE_LIMIT} shapes, grad modes and dtypes already "
+                    f"and now meets another (queries {tuple(q.shape)} {q.dtype}): pad batches to fewer shapes, raise "
+                    "crossdna.ops.fused.FLEX_RECOMPILE_LIMIT, or use set_swa_kernel('fla')") from e
+
+        _compiled_flex = run
     return _compiled_flex
 
 
