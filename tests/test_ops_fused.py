@@ -454,8 +454,8 @@ def test_bf16_training_tracks_fp32_on_chr20():
     Why held-out CE and seeds: the model roughly doubles a perturbation per layer (test above), so two runs are
     different trajectories after a few steps, and the training loss of a 20-step window measures the trajectory more
     than the precision. On an H200 (2026-12-04, three seeds each, separate processes) the last window spans
-    1.454-1.524 across fp32 seeds and 1.528-1.622 across bf16 seeds, while this test's two fp32 seeds, run after
-    other tests in one process, ended at 1.62 (the atomics of a backward round differently run to run); held-out CE
+    1.454-1.524 across fp32 seeds and 1.528-1.622 across bf16 seeds, while the same fp32 seeds 0 and 1 run inside
+    this test (same batches, another process) ended at 1.62: a rerun is another trajectory; held-out CE
     at step 200 was 1.3934 (fp32) against 1.3912 (bf16), seed range 0.012 and 0.010; with seeds 0 and 1 alone, the
     means differ by 0.50%, 1.44%, 0.05% and 0.01% at steps 50-200, seed ranges up to 1.7% (step 100). An earlier WY
     kernel's bf16 runs went NaN at step 44 (2026-12-04).
