@@ -11,6 +11,7 @@ import importlib
 import math
 import os
 import statistics
+import warnings
 from pathlib import Path
 
 import pytest
@@ -189,22 +190,31 @@ def test_sliding_window_kernels_match_reference(kernel, T, window):
 def test_eager_flex_outlasts_dynamos_recompile_limit(device, monkeypatch):
     """Eager flex is one compiled function for every shape it meets. Past dynamo's recompile limit it used to fall
     back to flex's unfused path, which broke the captured GUE finetuning on a GPU (2026-12-04); it now has its own
-    limit, and past that it raises. Scaled down here: dynamo's limit 1, ours 3."""
+    limit, and past that new shapes run SDPA, with one warning. Scaled down here: dynamo's limit 1, ours 3."""
     fused = importlib.import_module("crossdna.ops.fused")
     torch._dynamo.reset()
     monkeypatch.setattr(fused, "_compiled_flex", None)
+    monkeypatch.setattr(fused, "_flex_exhausted_warned", False)
     monkeypatch.setattr(fused, "FLEX_RECOMPILE_LIMIT", 3)
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     gen = torch.Generator(device=device).manual_seed(0)
+    sdpa_calls = []
+    sdpa = ops.attention.sliding_window_attention
+    monkeypatch.setattr(fused._attention, "sliding_window_attention", lambda *a: sdpa_calls.append(a) or sdpa(*a))
 
-    def qkv(batch):
-        return [torch.randn(batch, 128, 2, 16, generator=gen, device=device) for _ in range(3)]
+    def check(batch):
+        q, k, v = (torch.randn(batch, 128, 2, 16, generator=gen, device=device) for _ in range(3))
+        assert rel(fused.swa(q, k, v, 32, 0.25), sdpa(q, k, v, 32, 0.25)) < 1e-3
 
     for batch in (1, 2, 3):
-        q, k, v = qkv(batch)
-        assert rel(fused.swa(q, k, v, 32, 0.25), ops.attention.sliding_window_attention(q, k, v, 32, 0.25)) < 1e-3
-    with pytest.raises(RuntimeError, match=r"compiled for 3 shapes.*queries \(4, 2, 128, 16\)"):
-        fused.swa(*qkv(4), 32, 0.25)
+        check(batch)
+    assert not sdpa_calls
+    with pytest.warns(UserWarning, match=r"compiled for 3 shapes.*first: queries \(4, 128, 2, 16\)"):
+        check(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        check(5)
+    assert [a[0].shape[0] for a in sdpa_calls] == [4, 5]
 
 
 @pytest.mark.parametrize("length,window,block", [(1024, 512, 64), (300, 64, 64), (101, 101, 128), (64, 64, 128)])

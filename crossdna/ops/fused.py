@@ -34,6 +34,7 @@ raising in the middle of the first backward.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -183,15 +184,17 @@ _block_masks: dict = {}
 
 
 # Every shape, dtype and grad mode flex meets in eager mode is one more compilation of the one function: finetuning a
-# suite meets three per sequence length (training, evaluation, a last short batch). Past dynamo's default limit of 8
-# it would fall back to flex's unfused path, which holds [B, H, L, L] scores and breaks a CUDA graph capture (found by
-# the GPU tests, 2026-12-04); past this limit it raises instead.
+# suite meets three per sequence length (training, evaluation, a last short batch), `pad_to: longest` one per batch
+# length. Past dynamo's default limit of 8 it would fall back to flex's unfused path, which holds [B, H, L, L] scores
+# and breaks a CUDA graph capture (found by the GPU tests, 2026-12-04). Past this limit, new shapes run SDPA instead.
 FLEX_RECOMPILE_LIMIT = 64
+_flex_exhausted_warned = False
 
 
 def _flex_attention() -> Callable:
     """flex_attention is only fast compiled: inside a compiled region dynamo traces it as is, in eager mode it
-    goes through one ``torch.compile`` of its own (built on first use), allowed ``FLEX_RECOMPILE_LIMIT`` shapes."""
+    goes through one ``torch.compile`` of its own (built on first use), allowed ``FLEX_RECOMPILE_LIMIT`` shapes;
+    past those it returns None."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -200,15 +203,12 @@ def _flex_attention() -> Callable:
     if _compiled_flex is None:
         compiled = torch.compile(flex_attention, dynamic=False)
 
-        def run(q, *args, **kwargs):
+        def run(*args, **kwargs):
             try:
                 with torch._dynamo.config.patch(recompile_limit=FLEX_RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
-                    return compiled(q, *args, **kwargs)
-            except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-                raise RuntimeError(
-                    f"flex attention was compiled for {FLEX_RECOMPILE_LIMIT} shapes, grad modes and dtypes already "
-                    f"and now meets another (queries {tuple(q.shape)} {q.dtype}): pad batches to fewer shapes, raise "
-                    "crossdna.ops.fused.FLEX_RECOMPILE_LIMIT, or use set_swa_kernel('fla')") from e
+                    return compiled(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                return None
 
         _compiled_flex = run
     return _compiled_flex
@@ -248,9 +248,22 @@ def swa(q, k, v, window, scale=None):
         return _attention.sliding_window_attention(q, k, v, window, scale)
     length = q.shape[1]
     mask = band_block_mask(length, min(window, length), q.device)
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    o = _flex_attention()(q, k, v, block_mask=mask, scale=scale, kernel_options=FLEX_TILE["options"] or None)
+    o = _flex_attention()(*(x.transpose(1, 2) for x in (q, k, v)), block_mask=mask, scale=scale,
+                          kernel_options=FLEX_TILE["options"] or None)
+    if o is None:
+        _warn_flex_exhausted(q)
+        return _attention.sliding_window_attention(q, k, v, window, scale)
     return o.transpose(1, 2)
+
+
+def _warn_flex_exhausted(q: torch.Tensor) -> None:
+    global _flex_exhausted_warned
+    if not _flex_exhausted_warned:
+        _flex_exhausted_warned = True
+        warnings.warn(f"flex attention has been compiled for {FLEX_RECOMPILE_LIMIT} shapes, grad modes and dtypes; "
+                      f"new ones (first: queries {tuple(q.shape)} {q.dtype}) run SDPA with a band mask, ~3x slower. "
+                      "Fewer shapes (finetuning: pad_to max_length) or a higher crossdna.ops.fused.FLEX_RECOMPILE_LIMIT "
+                      "keep flex", stacklevel=3)
 
 
 # -------------------------------------------------------------------------------------------------------- RoPE
