@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from crossdna.ops.comba import chunk_comba
 
 from tests.kernel_checks import rel, run_interpreted
-from tests.test_ops_comba_wy import _inputs, _log2_cumsums, _padded_wy_form, _rounded_inputs
+from tests.test_ops_comba_wy import MODEL_SHAPE_CASES, _inputs, _log2_cumsums, _padded_wy_form, _rounded_inputs
 
 CUDA = torch.cuda.is_available()
 SCALE = 0.125
@@ -66,9 +66,7 @@ def test_triton_kernel_matches_reference_interpreted():
 def test_triton_kernel_matches_reference_and_fla_on_gpu(dtype):
     """At the 8.1M model's shape and a ragged one; and against fla's two kernels on the same w, u (fla's products
     are TF32 in fp32)."""
-    failures = check_against_reference("cuda", dtype, [*CASES, (3, 1024, 8, 64, 64, 0.3, "clustered"),
-                                                        (2, 300, 8, 64, 64, 8.0, "clustered"),
-                                                        (3, 1024, 8, 64, 64, 0.01, "aligned")])
+    failures = check_against_reference("cuda", dtype, [*CASES, *MODEL_SHAPE_CASES])
     assert not failures, "\n".join(failures)
 
     from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_h

@@ -125,9 +125,11 @@ CASES = [  # B, T, H, K, V, log-decay scale, keys (_inputs)
 ]
 
 
-# and on a GPU, the 8.1M model's shape (8 heads of 64, 1024 tokens) and a ragged one with strong decays
-GPU_CASES = [*CASES, (3, 1024, 8, 64, 64, 0.3, "clustered"), (2, 300, 8, 64, 64, 8.0, "clustered"),
-             (3, 1024, 8, 64, 64, 0.01, "aligned")]
+# and on a GPU, the 8.1M model's shape (8 heads of 64, 1024 tokens; clustered and aligned keys) and a ragged one
+# with strong decays
+MODEL_SHAPE_CASES = [(3, 1024, 8, 64, 64, 0.3, "clustered"), (2, 300, 8, 64, 64, 8.0, "clustered"),
+                     (3, 1024, 8, 64, 64, 0.01, "aligned")]
+GPU_CASES = [*CASES, *MODEL_SHAPE_CASES]
 
 
 def _gpu_inputs(dtype: torch.dtype, seed: int) -> list[torch.Tensor]:

@@ -31,10 +31,10 @@ operands, the tensor cores truncate them, a one-signed error that products of pr
 With half-precision inputs the inverse is rounded to bf16 for storage and for w and u, a coarser step than
 TF32's. With fp32 inputs the exact product ("ieee") is not usable at these tiles: Triton computes it without tensor
 cores and the 64×64 fp32 tiles spill (7.7 ms per call at 4 warps, 3.96 at 8, 48.5 at 2, against 0.46 in TF32).
-At B = 150 on an H200, bf16 inputs, 4 warps, "tf32", the power-series kernel (the same dots at the same tiles;
-the doubling kernel is not yet timed on a GPU): 0.459 ms per call (0.437 without the inverse), against 0.595
-(0.500) for the kernel before it, which built the inverse from sixteen 16×16 blocks at one warp (255 registers,
-spills: latency-bound), and 1.19 ms for fla's three kernels. The same algebra on dense 64×64 tiles throughout
+At B = 150 on an H200, bf16 inputs, 4 warps, "tf32": 0.430 ms per call (147 registers; 0.792 ms with fp32
+inputs), against 0.459 for the power-series kernel (0.437 without the inverse), 0.595 (0.500) for the kernel
+before that, which built the inverse from sixteen 16×16 blocks at one warp (255 registers, spills:
+latency-bound), and 1.16-1.19 ms for fla's three kernels. The same algebra on dense 64×64 tiles throughout
 (the diagonal blocks' powers as 64×64 dots, 4× the products) took 0.567 (0.548); 8 warps 1.07, "tf32x3" 0.94.
 ``benchmarks/triton_tiles_bench.py`` sweeps the tile.
 """
