@@ -196,7 +196,6 @@ def test_eager_flex_outlasts_dynamos_recompile_limit(device, monkeypatch):
     monkeypatch.setattr(fused, "_compiled_flex", None)
     monkeypatch.setattr(fused, "_flex_exhausted_warned", False)
     monkeypatch.setattr(fused, "FLEX_RECOMPILE_LIMIT", 3)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     gen = torch.Generator(device=device).manual_seed(0)
     sdpa_calls = []
     sdpa = ops.attention.sliding_window_attention
@@ -206,14 +205,15 @@ def test_eager_flex_outlasts_dynamos_recompile_limit(device, monkeypatch):
         q, k, v = (torch.randn(batch, 128, 2, 16, generator=gen, device=device) for _ in range(3))
         assert rel(fused.swa(q, k, v, 32, 0.25), sdpa(q, k, v, 32, 0.25)) < 1e-3
 
-    for batch in (1, 2, 3):
-        check(batch)
-    assert not sdpa_calls
-    with pytest.warns(UserWarning, match=r"compiled for 3 shapes.*first: queries \(4, 128, 2, 16\)"):
-        check(4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # warned once
-        check(5)
+    with torch._dynamo.config.patch(recompile_limit=1):  # not monkeypatch: its undo deletes a config entry
+        for batch in (1, 2, 3):
+            check(batch)
+        assert not sdpa_calls
+        with pytest.warns(UserWarning, match=r"compiled for 3 shapes.*first: queries \(4, 128, 2, 16\)"):
+            check(4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # warned once
+            check(5)
     assert [a[0].shape[0] for a in sdpa_calls] == [4, 5]
 
 
