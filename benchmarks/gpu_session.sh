@@ -15,6 +15,8 @@
 #   tests-numerics  what found the WY inverse's and flex's bugs (2026-12-04), in one stage: sliding-window
 #                attention (T = 101 included), eager flex past dynamo's recompile limit, the bf16-vs-fp32 training
 #                test, the captured finetuning (~9 min)
+#   tests-all    every GPU-marked test but telemetry's, in four pytest processes at once on the one GPU (the
+#                bf16-vs-fp32 training test alone in one; ~9 min): logs tests-all-{train,kernels,fused,steps}.log
 #   precision    benchmarks/precision_curves.py: fp32 and bf16 training, three seeds each, six processes at once
 #   graph-b150   launcher.train on the 8m demo config as it is (B=150, captured by default): exit code, GPU memory
 #   trainer-graph  launcher.train on the 8m demo config at B=32, compiled, cuda_graph=off then auto (tokens/s)
@@ -29,6 +31,7 @@
 #   autotune-b150  the same with torch.compile's max-autotune (no CUDA graphs): Triton GEMM templates and flex configs
 #   overlap-b150 b150 with the teacher's passes on a second CUDA stream (--overlap-teacher)
 #   best-b150    the best configuration: b150 with --overlap-teacher and the whole step captured (--cuda-graph)
+#   best         the same at both batch sizes (150 and 32), as the README's table
 #   flex-tiles   benchmarks/triton_tiles_bench.py flex: FlexAttention's block mask and kernel options
 #   base-b150    the same on the source tree in .gpu/base (e.g. `git archive` of an earlier commit): a baseline
 #                measured on the same machine
@@ -79,6 +82,16 @@ for stage in "$@"; do
                      grep -E "PASS|FAIL|ERROR|assert|passed|failed" "$OUT/tests-precision.log" | tail -12 | tee -a "$LOG" ;;
     tests-numerics) timeout 590 python3 -m pytest tests/test_ops_fused.py tests/test_finetune_gpu.py -m gpu -k "sliding_window or outlasts or bf16_training or graphed_finetune" -v -rA --tb=long -p no:logging --timeout 450 > "$OUT/tests-numerics.log" 2>&1
                     grep -E "PASS|FAIL|ERROR|assert|passed|failed" "$OUT/tests-numerics.log" | tail -20 | tee -a "$LOG" ;;
+    tests-all) pytest_group() { timeout 550 python3 -m pytest "${@:2}" -m gpu -v -rA --tb=long -p no:logging --timeout 500 > "$OUT/tests-all-$1.log" 2>&1; }
+               pytest_group train tests/test_ops_fused.py -k bf16_training &
+               pytest_group kernels tests/test_ops_comba_inputs.py tests/test_ops_comba_output.py tests/test_ops_comba_wy.py \
+                 tests/test_ops_dwconv.py tests/test_ops_fused.py -k "on_gpu or registered or comba_matches or sliding_window or outlasts or rotary" &
+               pytest_group fused tests/test_ops_fused.py -k "layer_fp32 or model_fp32 or host_sync or cuda_graph or teacher" &
+               pytest_group steps tests/test_model_gpu.py tests/test_finetune_gpu.py tests/test_launcher_gpu.py tests/test_objectives.py &
+               wait
+               for name in train kernels fused steps; do
+                 grep -E "PASS|FAIL|ERROR|assert|passed|failed" "$OUT/tests-all-$name.log" | grep -v "^tests/.*PASSED" | tail -8 | sed "s/^/$name: /" | tee -a "$LOG"
+               done ;;
     precision) mkdir -p "$OUT/precision"  # three seeds per precision at once: ~10 GiB per process in fp32
                for p in fp32 bf16; do for s in 0 1 2; do
                  timeout 420 python3 benchmarks/precision_curves.py run --precision $p --seed $s --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT/precision" > "/tmp/precision-$p-$s.log" 2>&1 &
@@ -113,6 +126,7 @@ PY
     flex-tiles) timeout 400 python3 benchmarks/triton_tiles_bench.py "$OUT" flex 2>&1 | grep -v TileLang | tail -16 | tee -a "$LOG" ;;
     overlap-b150) bench 400 --batch 150 --comba-precision autocast --compile --overlap-teacher --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     best-b150) bench 400 --batch 150 --comba-precision autocast --compile --overlap-teacher --cuda-graph --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
+    best) bench 590 --batch 150 32 --comba-precision autocast --compile --overlap-teacher --cuda-graph --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -8 | tee -a "$LOG" ;;
     b150) bench 400 --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     base-b150) (cd .gpu/base && PYTHONPATH=/tmp/site:$PWD timeout 400 python3 -m crossdna.cli bench train-step --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT" --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 --tag base_b150_compile) 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     budget) for b in ${BUDGET:-0.5}; do  # one run per value, each a recompilation; the result file is named by it
