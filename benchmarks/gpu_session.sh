@@ -3,7 +3,8 @@
 # pretrain + finetune demonstration. Run from the repo root on the device machine:
 #   bash benchmarks/gpu_session.sh STAGE...
 # STAGEs, in the order given:
-#   install-a    fla-core, flash-linear-attention, pydantic, ... (.gpu/core) + tilelang (.gpu/tla) into /tmp/site,
+#   install-a    fla-core, flash-linear-attention, pydantic, ... (.gpu/core: shared/gpu/fetch-wheels.sh's core set
+#                and isal==1.9.1, which that set lacks and the sharder imports) + tilelang (.gpu/tla) into /tmp/site,
 #                and the Triton autotune results + tilelang kernels of an earlier session (.gpu/cache), if any
 #   install-b    z3-solver (.gpu/tlb), which tilelang needs (split off: the carry limit is 64 MiB per call)
 #   install-mlflow  mlflow-skinny and its deps (.gpu/mlflow)
@@ -71,7 +72,7 @@ for stage in "$@"; do
     install-a) pip_install .gpu/core/*.whl .gpu/tla/*.whl 2>&1 | tail -3 | tee -a "$LOG"
                if [ -f .gpu/cache/autotune_cache.tgz ]; then tar xzf .gpu/cache/autotune_cache.tgz -C ~; fi ;;
     install-b) pip_install .gpu/tlb/*.whl 2>&1 | tail -3 | tee -a "$LOG"
-               python3 -c "import torch, triton, fla, tilelang; from crossdna.ops import fused; print(torch.__version__, triton.__version__, fla.__version__, tilelang.__version__, torch.cuda.get_device_name(0), 'fused unavailable:', repr(fused.UNAVAILABLE))" 2>&1 | tail -3 | tee -a "$LOG" ;;
+               python3 -c "import torch, triton, fla, tilelang, isal, pyfaidx, webdataset; from crossdna.ops import fused; print(torch.__version__, triton.__version__, fla.__version__, tilelang.__version__, torch.cuda.get_device_name(0), 'fused unavailable:', repr(fused.UNAVAILABLE))" 2>&1 | tail -3 | tee -a "$LOG" ;;
     install-mlflow) pip_install .gpu/mlflow/*.whl 2>&1 | tail -3 | tee -a "$LOG" ;;
     tests) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -v -rs --tb=line -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -60 | tee -a "$LOG" ;;
     tests-inputs) timeout 400 python3 -m pytest tests/test_ops_comba_inputs.py tests/test_ops_comba_wy.py tests/test_ops_comba_output.py tests/test_ops_dwconv.py tests/test_ops_fused.py -m gpu -k "${INPUT_TESTS:-on_gpu or layer or model_fp32 or host_sync}" -v -rA --tb=short -p no:logging --timeout 300 > "$OUT/tests-inputs.log" 2>&1
