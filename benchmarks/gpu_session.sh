@@ -63,17 +63,26 @@ RUN=/tmp/run-8m
 OUT=${OUT:-/tmp/crossdna-out}
 mkdir -p "$OUT"
 LOG=$OUT/session.log
-pip_install() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$@"; }
+# The wheels of the named .gpu folders; a folder that did not travel ends the session, named (pip would reject the
+# unexpanded glob and install none of the others)
+pip_install() {
+  local wheels=() dir
+  for dir in "$@"; do
+    [ -n "$(ls .gpu/$dir/*.whl 2>/dev/null)" ] || { echo "no wheels in .gpu/$dir: name it in the call's carry" | tee -a "$LOG"; exit 2; }
+    wheels+=(.gpu/$dir/*.whl)
+  done
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
+}
 ft_dirs() { printf "/tmp/ft/$1-tf%s," 0 1 2 3 4 | sed 's/,$//'; }
 bench() { timeout "$1" python3 -m crossdna.cli bench train-step --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT" "${@:2}"; }
 for stage in "$@"; do
   echo "=== $stage $(date -u +%T)" | tee -a "$LOG"
   case $stage in
-    install-a) pip_install .gpu/core/*.whl .gpu/tla/*.whl 2>&1 | tail -3 | tee -a "$LOG"
+    install-a) pip_install core tla 2>&1 | tail -3 | tee -a "$LOG" || exit 2
                if [ -f .gpu/cache/autotune_cache.tgz ]; then tar xzf .gpu/cache/autotune_cache.tgz -C ~; fi ;;
-    install-b) pip_install .gpu/tlb/*.whl 2>&1 | tail -3 | tee -a "$LOG"
+    install-b) pip_install tlb 2>&1 | tail -3 | tee -a "$LOG" || exit 2
                python3 -c "import torch, triton, fla, tilelang, isal, pyfaidx, webdataset; from crossdna.ops import fused; print(torch.__version__, triton.__version__, fla.__version__, tilelang.__version__, torch.cuda.get_device_name(0), 'fused unavailable:', repr(fused.UNAVAILABLE))" 2>&1 | tail -3 | tee -a "$LOG" ;;
-    install-mlflow) pip_install .gpu/mlflow/*.whl 2>&1 | tail -3 | tee -a "$LOG" ;;
+    install-mlflow) pip_install mlflow 2>&1 | tail -3 | tee -a "$LOG" || exit 2 ;;
     tests) timeout 420 python3 -m pytest tests/test_ops_fused.py tests/test_model_gpu.py -m gpu -v -rs --tb=line -p no:logging --timeout 300 2>&1 | grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" | tail -60 | tee -a "$LOG" ;;
     tests-inputs) timeout 400 python3 -m pytest tests/test_ops_comba_inputs.py tests/test_ops_comba_wy.py tests/test_ops_comba_output.py tests/test_ops_dwconv.py tests/test_ops_fused.py -m gpu -k "${INPUT_TESTS:-on_gpu or layer or model_fp32 or host_sync}" -v -rA --tb=short -p no:logging --timeout 300 > "$OUT/tests-inputs.log" 2>&1
                   grep -E "PASS|FAIL|ERROR|SKIP|assert|Error|passed|failed" "$OUT/tests-inputs.log" | tail -30 | tee -a "$LOG" ;;
