@@ -32,7 +32,6 @@
 #   autotune-b150  the same with torch.compile's max-autotune (no CUDA graphs): Triton GEMM templates and flex configs
 #   overlap-b150 b150 with the teacher's passes on a second CUDA stream (--overlap-teacher)
 #   best-b150    the best configuration: b150 with --overlap-teacher and the whole step captured (--cuda-graph)
-#   best         the same at both batch sizes (150 and 32), as the README's table
 #   flex-tiles   benchmarks/triton_tiles_bench.py flex: FlexAttention's block mask and kernel options
 #   base-b150    the same on the source tree in .gpu/base (e.g. `git archive` of an earlier commit): a baseline
 #                measured on the same machine
@@ -136,7 +135,6 @@ PY
     flex-tiles) timeout 400 python3 benchmarks/triton_tiles_bench.py "$OUT" flex 2>&1 | grep -v TileLang | tail -16 | tee -a "$LOG" ;;
     overlap-b150) bench 400 --batch 150 --comba-precision autocast --compile --overlap-teacher --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     best-b150) bench 400 --batch 150 --comba-precision autocast --compile --overlap-teacher --cuda-graph --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
-    best) bench 590 --batch 150 32 --comba-precision autocast --compile --overlap-teacher --cuda-graph --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -8 | tee -a "$LOG" ;;
     b150) bench 400 --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 ${BENCH_TAG:+--tag "$BENCH_TAG"} 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     base-b150) (cd .gpu/base && PYTHONPATH=/tmp/site:$PWD timeout 400 python3 -m crossdna.cli bench train-step --fasta "$CROSSDNA_CHR20_FASTA" --out "$OUT" --batch 150 --comba-precision autocast --compile --warmup 3 --steps 10 --profile 2 --tag base_b150_compile) 2>&1 | grep -v TileLang | tail -6 | tee -a "$LOG" ;;
     budget) for b in ${BUDGET:-0.5}; do  # one run per value, each a recompilation; the result file is named by it

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from crossdna.ops.comba import wy_form
+from crossdna.ops.comba import _chunks, wy_form
 from crossdna.ops.comba_wy_triton import _tf32
 
 from tests.kernel_checks import rel, run_interpreted
@@ -82,9 +82,12 @@ def _padded_wy_form(k, p, v, beta, g, chunk: int = 64) -> list[torch.Tensor]:
     """The reference WY form (inverse, w, u) at any T: on inputs zero-padded to whole chunks, cropped back. M is
     lower triangular, so the leading rows of a padded chunk's inverse, w and u are those of the chunk's leading
     rows."""
-    T = k.shape[1]
-    pad = (-T) % chunk
-    return [x[:, :T] for x in wy_form(*[F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (k, p, v, beta, g)])]
+    return [x[:, :k.shape[1]] for x in wy_form(*[_pad_to_chunks(x, chunk) for x in (k, p, v, beta, g)])]
+
+
+def _pad_to_chunks(x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """[B,T,H,...] zero-padded along T to whole chunks: the rows past T that the kernels load as 0."""
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, (-x.shape[1]) % chunk))
 
 
 def _stored_as(dtype: torch.dtype):
@@ -94,16 +97,19 @@ def _stored_as(dtype: torch.dtype):
 
 
 def _by_chunk(x: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """[B,T,H,...] zero-padded to whole chunks → [B,H,T/C,C,...]: the rows past T that the kernels load as 0."""
-    T = x.shape[1]
-    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, (-T) % chunk))
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1, chunk, *x.shape[3:])
+    """[B,T,H,...] zero-padded to whole chunks → [B,H,T/C,C,...]."""
+    return _chunks(_pad_to_chunks(x, chunk), chunk)
 
 
 def _by_token(x: torch.Tensor, T: int) -> torch.Tensor:
     """The inverse of :func:`_by_chunk`, cropped to T."""
     B, H = x.shape[:2]
     return x.reshape(B, H, -1, *x.shape[4:]).transpose(1, 2)[:, :T]
+
+
+def _capped_decay(g0: torch.Tensor, gam: torch.Tensor) -> torch.Tensor:
+    """2^{min(γ⁰_t − γ_s, 0)} per chunk, as both kernels compute M's decay (log2 cumsums, [..., C] → [..., C, C])."""
+    return torch.exp2((g0[..., :, None] - gam[..., None, :]).clamp(max=0))
 
 
 def _rounded_wy_form(k, p, v, beta, g, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -121,8 +127,7 @@ def _rounded_wy_form(k, p, v, beta, g, dtype: torch.dtype) -> list[torch.Tensor]
     g0, gam = (_by_chunk(x) for x in _log2_cumsums(g))
     k, p, v, beta = (_by_chunk(x) for x in (k, p, v, beta))
     lower = torch.ones(64, 64, dtype=torch.bool).tril(-1)
-    decay = torch.exp2((g0[..., :, None] - gam[..., None, :]).clamp(max=0))
-    m = stored(p * beta[..., None]) @ k.transpose(-1, -2) * decay
+    m = stored(p * beta[..., None]) @ k.transpose(-1, -2) * _capped_decay(g0, gam)
     eye = torch.eye(64, dtype=torch.float64)
     inverse = stored(torch.linalg.solve_triangular(eye + m * lower, eye, upper=False, unitriangular=True))
     w = inverse @ stored(p * (beta * torch.exp2(g0))[..., None])
@@ -145,7 +150,7 @@ def _rounded_wy_backward(inputs: dict[str, torch.Tensor], dtype: torch.dtype) ->
     tr = lambda t: t.transpose(-1, -2)  # noqa: E731
     d_a = stored((dw @ tr(stored(p * (beta * e0)[..., None])) + du @ tr(stored(v * beta[..., None]))) * lower)
     d_m = tr(a) @ stored(d_a @ tr(a))
-    d_s = stored(-d_m * torch.exp2((g0[..., :, None] - gam[..., None, :]).clamp(max=0)) * lower)
+    d_s = stored(-d_m * _capped_decay(g0, gam) * lower)
     pb = stored(p * beta[..., None])
     dmm = d_s * (pb @ tr(k))
     dpg, dvb = tr(a) @ dw, tr(a) @ du
